@@ -1,0 +1,67 @@
+"""lmflax.nn: Transformer building blocks as Flax Linen modules whose `apply` is a pure function.
+
+Every parameter carries logical axis names (vocab, embed, heads, kv_heads, kv, mlp, positions,
+norm, layers); activations are constrained with (batch, length, embed | heads | mlp). Map them to
+mesh axes with `flax.linen.logical_axis_rules` (lmflax.parallel does it from the config).
+"""
+
+from lmflax.nn._util import as_dtype, unbox
+from lmflax.nn.attention import (
+    MultiHeadAttention,
+    attention_weights,
+    causal_mask,
+    combine_masks,
+    dot_product_attention,
+    padding_mask,
+    segment_mask,
+)
+from lmflax.nn.blocks import (
+    REMAT_POLICIES,
+    Decoder,
+    DecoderLayer,
+    Encoder,
+    EncoderLayer,
+    StackConfig,
+    decoder_mask,
+    remat_policy,
+    stack_layers,
+    unstack_layers,
+)
+from lmflax.nn.embedding import Embed
+from lmflax.nn.feedforward import ACTIVATIONS, FeedForward
+from lmflax.nn.linear import Linear
+from lmflax.nn.norms import NORMS, LayerNorm, RMSNorm, make_norm
+from lmflax.nn.positional import LearnedPositions, apply_rope, sinusoidal_positions
+
+__all__ = [
+    "ACTIVATIONS",
+    "NORMS",
+    "REMAT_POLICIES",
+    "Decoder",
+    "DecoderLayer",
+    "Embed",
+    "Encoder",
+    "EncoderLayer",
+    "FeedForward",
+    "LayerNorm",
+    "LearnedPositions",
+    "Linear",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "StackConfig",
+    "apply_rope",
+    "as_dtype",
+    "attention_weights",
+    "causal_mask",
+    "combine_masks",
+    "decoder_mask",
+    "dot_product_attention",
+    "make_norm",
+    "padding_mask",
+    "remat_policy",
+    "segment_mask",
+    "sinusoidal_positions",
+    "stack_layers",
+    "unbox",
+    "unstack_layers",
+]

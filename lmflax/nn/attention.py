@@ -1,0 +1,267 @@
+"""Scaled dot-product attention and the multi-head attention layer (self, cross, MHA/GQA/MQA).
+
+Layout throughout is `jax.nn.dot_product_attention`'s: q [B, T, N, H], k/v [B, S, K, H] with B
+batch, T query length, S key length, N query heads, K key/value heads (K divides N), H head dim.
+Query head n reads key/value head n // (N / K).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmflax.nn._util import DType, constrain
+from lmflax.nn.linear import Linear
+from lmflax.nn.positional import apply_rope
+
+IMPLEMENTATIONS = ("xla",)
+
+
+def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
+    """[1, 1, T, S] boolean: query i may attend key j iff j <= i + (S - T).
+
+    With S > T the queries are the last T positions of the keys (decoding after a prefix).
+    """
+    S = q_len if kv_len is None else kv_len
+    q_pos = jnp.arange(q_len)[:, None] + (S - q_len)
+    return (jnp.arange(S)[None, :] <= q_pos)[None, None]
+
+
+def padding_mask(kv_valid: jax.Array) -> jax.Array:
+    """kv_valid [B, S] (True or nonzero = a real token) -> [B, 1, 1, S] boolean."""
+    return kv_valid.astype(bool)[:, None, None, :]
+
+
+def segment_mask(q_segments: jax.Array, kv_segments: jax.Array | None = None) -> jax.Array:
+    """Packed rows: attend only within one's own segment; segment 0 is padding.
+
+    q_segments [B, T], kv_segments [B, S] (default: q_segments) -> [B, 1, T, S] boolean.
+    """
+    kv_segments = q_segments if kv_segments is None else kv_segments
+    same = q_segments[:, :, None] == kv_segments[:, None, :]
+    return (same & (kv_segments[:, None, :] != 0))[:, None]
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """Logical AND of the masks that are not None (broadcasting), or None if all are None."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0].astype(bool)
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            "attention expects q [B, T, N, H] and k/v [B, S, K, H]; got shapes "
+            f"{q.shape}, {k.shape}, {v.shape}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]}) for GQA/MQA"
+        )
+
+
+def attention_weights(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+) -> jax.Array:
+    """softmax(QKᵀ/√H + bias) in float32, [B, N, T, S]; exactly 0 on masked keys.
+
+    A row whose keys are all masked is all zeros (its output is then zero, not NaN).
+    """
+    _check_shapes(q, k, k)
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    qg = q.reshape(B, T, K, G, H)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(B, N, T, S) / math.sqrt(H)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if is_causal:
+        mask = combine_masks(mask, causal_mask(T, S))
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, logits.shape)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        weights = jnp.where(mask, weights, 0.0)
+    return weights
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    implementation: str | None = None,
+    is_causal: bool = False,
+) -> jax.Array:
+    """softmax(QKᵀ/√d_k + bias)V with a float32 softmax. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
+
+    mask: boolean, broadcastable to [B, N, T, S], True = may attend. bias: added to the logits,
+    broadcastable to [B, N, T, S]. is_causal: also apply the causal mask (query i sees keys
+    j <= i + S - T). dropout_rate > 0 drops attention weights and needs `dropout_rng`.
+    implementation: None (the best available for the backend) or 'xla'.
+    """
+    if implementation not in (None, *IMPLEMENTATIONS):
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; accepted: None, "
+            + ", ".join(repr(i) for i in IMPLEMENTATIONS)
+        )
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError("dropout_rate > 0 needs a dropout_rng")
+    weights = attention_weights(q, k, mask=mask, bias=bias, is_causal=is_causal)
+    if dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    wg = weights.astype(v.dtype).reshape(B, K, N // K, T, S)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", wg, v)
+    return out.reshape(B, T, N, H)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with the output projection Wᴼ. x [B, T, D] -> [B, T, out_features|D].
+
+    Self-attention when `context` is None, cross-attention over `context` [B, S, Dc] otherwise.
+    num_kv_heads: None = num_heads (MHA); a divisor of num_heads gives GQA, 1 gives MQA.
+    rope_base: if set, rotary position embedding is applied to queries and keys (self-attention).
+    decode=True keeps a key/value cache in the 'cache' collection: the first (init) call sizes it
+    from x's length; later calls append their T new positions and attend to everything cached.
+    """
+
+    num_heads: int
+    head_dim: int | None = None
+    num_kv_heads: int | None = None
+    out_features: int | None = None
+    use_bias: bool = True
+    dropout_rate: float = 0.0
+    rope_base: float | None = None
+    rope_fraction: float = 1.0
+    implementation: str | None = None
+    init_std: float = 0.02
+    out_init_std: float | None = None
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        is_causal: bool = False,
+        positions: jax.Array | None = None,
+        deterministic: bool,
+        decode: bool = False,
+    ) -> jax.Array:
+        D = x.shape[-1]
+        N = self.num_heads
+        K = self.num_kv_heads or N
+        if N % K:
+            raise ValueError(f"num_kv_heads ({K}) must divide num_heads ({N})")
+        if self.head_dim is None and D % N:
+            raise ValueError(f"num_heads ({N}) must divide the model width ({D}) or set head_dim")
+        H = self.head_dim or D // N
+        out_features = self.out_features or D
+        dense = dict(
+            use_bias=self.use_bias,
+            init_std=self.init_std,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        kv_in = x if context is None else context
+
+        q = Linear((N, H), ("embed", "heads", "kv"), name="query", **dense)(x)
+        k = Linear((K, H), ("embed", "kv_heads", "kv"), name="key", **dense)(kv_in)
+        v = Linear((K, H), ("embed", "kv_heads", "kv"), name="value", **dense)(kv_in)
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        k = constrain(k, ("batch", "length", "kv_heads", "kv"))
+        v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+
+        if self.rope_base is not None and context is None:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            q = apply_rope(q, positions, base=self.rope_base, fraction=self.rope_fraction)
+            k = apply_rope(k, positions, base=self.rope_base, fraction=self.rope_fraction)
+
+        if decode and context is None:
+            k, v, mask = self._update_cache(k, v, mask, is_causal)
+            is_causal = False
+
+        dropout_rng = None
+        rate = 0.0 if deterministic else self.dropout_rate
+        if rate > 0.0:
+            dropout_rng = self.make_rng("dropout")
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            dropout_rate=rate,
+            dropout_rng=dropout_rng,
+            implementation=self.implementation,
+            is_causal=is_causal,
+        )
+        out = constrain(out, ("batch", "length", "heads", "kv"))
+        out_std = self.init_std if self.out_init_std is None else self.out_init_std
+        return Linear(
+            (out_features,),
+            ("heads", "kv", "embed"),
+            in_dims=2,
+            use_bias=self.use_bias,
+            init_std=out_std,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(out)
+
+    def _update_cache(
+        self, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """Writes the new keys/values at the cache index; returns the whole cache and its mask."""
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:
+            # The init call only sizes the cache; attend over x itself.
+            return k, v, combine_masks(mask, causal_mask(k.shape[1]) if is_causal else None)
+        T = k.shape[1]
+        S = cached_key.value.shape[1]
+        i = index.value
+        k = jax.lax.dynamic_update_slice(
+            cached_key.value, k.astype(cached_key.value.dtype), (0, i, 0, 0)
+        )
+        v = jax.lax.dynamic_update_slice(
+            cached_value.value, v.astype(cached_value.value.dtype), (0, i, 0, 0)
+        )
+        cached_key.value, cached_value.value = k, v
+        index.value = i + T
+        # New query t sits at absolute position i + t and sees cached keys 0..i+t.
+        visible = jnp.arange(S)[None, :] <= (i + jnp.arange(T))[:, None]
+        return k, v, combine_masks(mask, visible[None, None])
