@@ -1,0 +1,115 @@
+"""Tokenizers from Hugging Face's `tokenizers`: byte-level BPE (GPT) and WordPiece (BERT),
+trained on a dataset's training split and cached, or loaded from a tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+BPE_SPECIALS = ("<|endoftext|>", "<|pad|>")
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+KINDS = ("bpe", "wordpiece")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special-token ids the pipelines and models need.
+
+    For BPE, eos_id (<|endoftext|>) also starts documents, as in GPT-2. For WordPiece, the BERT
+    tokens [CLS] [SEP] [MASK] [PAD] [UNK] are set. Ids that a tokenizer lacks are None.
+    """
+
+    backend: tokenizers.Tokenizer
+    pad_id: int
+    eos_id: int | None = None
+    cls_id: int | None = None
+    sep_id: int | None = None
+    mask_id: int | None = None
+    unk_id: int | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        ids = (self.pad_id, self.eos_id, self.cls_id, self.sep_id, self.mask_id)
+        return tuple(sorted({i for i in ids if i is not None}))
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, without special tokens."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, path: str | Path) -> None:
+        self.backend.save(str(path))
+
+    @classmethod
+    def from_backend(cls, backend: tokenizers.Tokenizer) -> Tokenizer:
+        """Wraps a tokenizers.Tokenizer, finding its special tokens by their usual names."""
+
+        def find(*names: str) -> int | None:
+            for n in names:
+                i = backend.token_to_id(n)
+                if i is not None:
+                    return i
+            return None
+
+        eos = find("<|endoftext|>", "</s>", "<eos>")
+        pad = find("[PAD]", "<|pad|>", "<pad>")
+        if pad is None:
+            pad = eos if eos is not None else 0
+        return cls(
+            backend=backend,
+            pad_id=pad,
+            eos_id=eos,
+            cls_id=find("[CLS]", "<s>"),
+            sep_id=find("[SEP]", "</s>"),
+            mask_id=find("[MASK]", "<mask>"),
+            unk_id=find("[UNK]", "<unk>"),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Loads a tokenizer.json."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        return cls.from_backend(tokenizers.Tokenizer.from_file(str(path)))
+
+
+def train_tokenizer(kind: str, texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """Trains a byte-level BPE ('bpe') or lower-cased WordPiece ('wordpiece') tokenizer."""
+    if kind == "bpe":
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=list(BPE_SPECIALS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif kind == "wordpiece":
+        backend = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=list(WORDPIECE_SPECIALS), show_progress=False
+        )
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; accepted: {KINDS}")
+    backend.train_from_iterator(texts, trainer)
+    return Tokenizer.from_backend(backend)
