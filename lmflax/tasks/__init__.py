@@ -1,0 +1,15 @@
+"""Training tasks: each pairs a model family with its batches and loss. `TASKS` maps
+`task.name` in the config to the class."""
+
+from lmflax.tasks.base import Task
+from lmflax.tasks.lm import CausalLM, MaskedLM
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, MaskedLM)}
+
+
+def make_task(cfg) -> Task:
+    """Instantiates the task the config names."""
+    return TASKS[cfg.task.name](cfg)
+
+
+__all__ = ["TASKS", "CausalLM", "MaskedLM", "Task", "make_task"]

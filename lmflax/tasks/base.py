@@ -1,0 +1,71 @@
+"""What a training task is: a model, batches, and a loss; the trainer needs nothing else."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import grain
+import jax
+import numpy as np
+
+from lmflax.config import Config
+from lmflax.data.tokenizers import Tokenizer
+from lmflax.train.losses import Metric
+
+
+class Task(abc.ABC):
+    """A training objective over a model family.
+
+    Subclasses set `name` and implement the abstract methods; register them in lmflax.tasks.TASKS.
+    Batches are dicts of NumPy arrays with a leading global-batch axis.
+    """
+
+    name: ClassVar[str]
+    default_tokenizer: ClassVar[str] = "bpe"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._tokenizer: Tokenizer | None = None
+        self.model = self.build_model()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """Loaded (or trained and cached) on first use."""
+        if self._tokenizer is None:
+            from lmflax.data.pipeline import load_tokenizer
+
+            self._tokenizer = load_tokenizer(
+                self.cfg.data, self.cfg.model.vocab_size, self.default_tokenizer
+            )
+        return self._tokenizer
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """The Flax module trained by this task."""
+
+    @abc.abstractmethod
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """A batch of the right shapes and dtypes (for init and tracing)."""
+
+    @abc.abstractmethod
+    def init(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's variables, from `model.init` on a batch."""
+
+    @abc.abstractmethod
+    def loss(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array, deterministic: bool
+    ) -> tuple[jax.Array, dict[str, Metric]]:
+        """(loss_sum, metric sums); pure, jit-able. metrics['loss'] = (loss_sum, weight)."""
+
+    @abc.abstractmethod
+    def dataset(
+        self, split: str, *, seed: int, batch_size: int, process_index: int, process_count: int
+    ) -> grain.IterDataset:
+        """Per-process batches (batch_size rows each) of `split`, repeating forever."""
+
+    def sample(self, params: Any, rng: jax.Array) -> str | None:
+        """A short demonstration of the trained model for the end of a run (None = nothing)."""
+        del params, rng
+        return None

@@ -1,0 +1,181 @@
+"""Language-model pretraining: causal LM (GPT) and masked LM (BERT)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmflax.config import ConfigError
+from lmflax.data import pipeline
+from lmflax.models import GPT, BertConfig, BertForMaskedLM, GPTConfig
+from lmflax.tasks.base import Task
+from lmflax.train.losses import Metric, cross_entropy
+
+
+class CausalLM(Task):
+    """Next-token prediction with a GPT decoder on packed documents."""
+
+    name = "causal_lm"
+    default_tokenizer = "bpe"
+
+    def build_model(self) -> GPT:
+        if not isinstance(self.cfg.model, GPTConfig):
+            raise ConfigError(
+                f"task 'causal_lm' trains a GPT decoder; model family is {self.cfg.model.family!r}"
+            )
+        return GPT(self.cfg.model)
+
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        shape = (batch_size, self.cfg.data.seq_len)
+        ints = np.zeros(shape, np.int32)
+        return {
+            "inputs": ints,
+            "targets": ints,
+            "positions": ints,
+            "segment_ids": np.ones(shape, np.int32),
+            "weights": np.ones(shape, np.float32),
+        }
+
+    def init(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.model.init(
+            rng,
+            batch["inputs"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            deterministic=True,
+        )
+
+    def loss(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array, deterministic: bool
+    ) -> tuple[jax.Array, dict[str, Metric]]:
+        logits = self.model.apply(
+            {"params": params},
+            batch["inputs"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            deterministic=deterministic,
+            rngs={"dropout": rng},
+        )
+        return cross_entropy(logits, batch["targets"], batch["weights"])
+
+    def dataset(
+        self,
+        split: str,
+        *,
+        seed: int,
+        batch_size: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> Any:
+        return pipeline.causal_lm_dataset(
+            self.cfg,
+            self.tokenizer,
+            split,
+            seed=seed,
+            batch_size=batch_size,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def sample(self, params: Any, rng: jax.Array) -> str | None:
+        t = self.cfg.train
+        if t.sample_tokens == 0:
+            return None
+        from lmflax import decode
+
+        tok = self.tokenizer
+        prompt = [tok.eos_id, *tok.encode(t.sample_prompt)]
+        limit = (
+            self.cfg.model.max_len if self.cfg.model.position in ("learned", "sinusoidal") else None
+        )
+        new = (
+            t.sample_tokens if limit is None else max(0, min(t.sample_tokens, limit - len(prompt)))
+        )
+        out = decode.generate(
+            self.model,
+            params,
+            jnp.asarray([prompt], jnp.int32),
+            max_new_tokens=new,
+            rng=rng,
+            temperature=t.sample_temperature,
+            top_k=40,
+        )
+        return t.sample_prompt + tok.decode(np.asarray(out[0, len(prompt) :]))
+
+
+class MaskedLM(Task):
+    """BERT's masked language modelling (80/10/10), loss on the chosen positions only."""
+
+    name = "mlm"
+    default_tokenizer = "wordpiece"
+
+    def build_model(self) -> BertForMaskedLM:
+        if not isinstance(self.cfg.model, BertConfig):
+            raise ConfigError(
+                f"task 'mlm' trains a BERT encoder; model family is {self.cfg.model.family!r}"
+            )
+        return BertForMaskedLM(self.cfg.model)
+
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        shape = (batch_size, self.cfg.data.seq_len)
+        ints = np.zeros(shape, np.int32)
+        return {
+            "inputs": ints,
+            "targets": ints,
+            "weights": np.ones(shape, np.float32),
+            "attention_mask": np.ones(shape, np.int32),
+        }
+
+    def init(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.model.init(rng, batch["inputs"], batch["attention_mask"], deterministic=True)
+
+    def loss(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array, deterministic: bool
+    ) -> tuple[jax.Array, dict[str, Metric]]:
+        logits = self.model.apply(
+            {"params": params},
+            batch["inputs"],
+            batch["attention_mask"],
+            deterministic=deterministic,
+            rngs={"dropout": rng},
+        )
+        return cross_entropy(logits, batch["targets"], batch["weights"])
+
+    def dataset(
+        self,
+        split: str,
+        *,
+        seed: int,
+        batch_size: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> Any:
+        return pipeline.mlm_dataset(
+            self.cfg,
+            self.tokenizer,
+            split,
+            seed=seed,
+            batch_size=batch_size,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def sample(self, params: Any, rng: jax.Array) -> str | None:
+        """Fills the [MASK]s of a fixed sentence with the model's top predictions."""
+        del rng
+        if self.cfg.train.sample_tokens == 0:
+            return None
+        tok = self.tokenizer
+        text = "def main ( ) : return [MASK] ( args ) [MASK] none"
+        ids = [tok.cls_id]
+        for word in text.split():
+            ids += [tok.mask_id] if word == "[MASK]" else tok.encode(word)
+        ids.append(tok.sep_id)
+        arr = jnp.asarray([ids], jnp.int32)
+        logits = self.model.apply({"params": params}, arr, jnp.ones_like(arr), deterministic=True)
+        pred = np.asarray(jnp.argmax(logits[0], axis=-1))
+        filled = [int(pred[i]) if t == tok.mask_id else t for i, t in enumerate(ids)]
+        return f"{text}  ->  {tok.decode(filled[1:-1])}"
