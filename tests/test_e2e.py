@@ -1,0 +1,138 @@
+"""train.py end to end in subprocesses: learning, checkpoints, resume, kill -9 and restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmflax.train.metrics import read_metrics
+
+from .conftest import ROOT, run_train
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "--config.model.num_layers=2",
+    "--config.model.d_model=64",
+    "--config.model.d_ff=128",
+    "--config.data.seq_len=64",
+    "--config.data.batch_size=8",
+    "--config.train.sample_tokens=16",
+    "--config.train.eval_steps=2",
+    "--config.train.log_every=5",
+]
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(workdir / "metrics.jsonl")}
+
+
+def _first_last_tenth(losses: dict[int, float]) -> tuple[float, float]:
+    values = [losses[s] for s in sorted(losses)]
+    k = max(1, len(values) // 10)
+    return float(np.mean(values[:k])), float(np.mean(values[-k:]))
+
+
+@pytest.mark.parametrize("config", ["gpt_tiny", "bert_tiny"])
+def test_trains_checkpoints_and_resumes(config, data_dir, tmp_path):
+    workdir = tmp_path / config
+    args = [
+        f"--config=configs/{config}.py",
+        f"--workdir={workdir}",
+        *TINY,
+        "--config.train.steps=150",
+        "--config.train.checkpoint_every=50",
+        "--config.optimizer.warmup_steps=10",
+    ]
+    out = run_train(args, data_dir)
+    assert "done: step 150" in out.stdout
+    assert "sample after 150 steps" in out.stdout
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(5, 151, 5))
+    first, last = _first_last_tenth(losses)
+    assert last < first - 1.0, (first, last)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 150 and 100 in steps
+    assert (workdir / "config.json").exists() and (workdir / "eval_metrics.jsonl").exists()
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+    again = run_train(args, data_dir)
+    assert "resumed from" in again.stderr and "already complete at step 150" in again.stderr
+    assert sorted(_losses(workdir)) == sorted(losses)
+
+    longer = run_train(
+        [
+            *args[:-3],
+            "--config.train.steps=160",
+            "--config.train.checkpoint_every=50",
+            "--config.optimizer.warmup_steps=10",
+        ],
+        data_dir,
+    )
+    assert "resumed from" in longer.stderr and "done: step 160" in longer.stdout
+    assert max(_losses(workdir)) == 160
+
+
+def test_workdir_of_another_model_is_refused(data_dir, tmp_path):
+    args = [
+        f"--workdir={tmp_path}",
+        *TINY,
+        "--config.train.steps=5",
+        "--config.train.sample_tokens=0",
+    ]
+    run_train(args, data_dir)
+    proc = run_train([*args, "--config.model.num_layers=3"], data_dir, check=False)
+    assert (
+        proc.returncode == 2
+        and "different model config" in proc.stderr
+        and "num_layers" in proc.stderr
+    )
+
+
+def test_kill_and_restart_matches_uninterrupted_run(data_dir, tmp_path):
+    """SIGKILL a run after a checkpoint; the restarted run logs exactly the uninterrupted losses."""
+    args = [
+        *TINY,
+        "--config.train.steps=120",
+        "--config.train.checkpoint_every=30",
+        "--config.train.log_every=1",
+        "--config.model.dropout_rate=0.1",
+        "--config.model.attention_dropout_rate=0.1",
+        "--config.train.sample_tokens=0",
+        "--config.data.eval_split=",
+    ]
+    straight = tmp_path / "straight"
+    run_train([f"--workdir={straight}", *args], data_dir)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "TFDS_DATA_DIR": data_dir, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), f"--workdir={killed}", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "30").is_dir():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged_before = _losses(killed)
+    assert max(logged_before) < 120, "the run finished before it was killed; nothing was tested"
+
+    resumed = run_train([f"--workdir={killed}", *args], data_dir)
+    assert "resumed from" in resumed.stderr
+    want, got = _losses(straight), _losses(killed)
+    assert sorted(got) == sorted(want) == list(range(1, 121))
+    assert got == want
