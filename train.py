@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow_datasets as tfds
 
     from lmflax.data.sources import DataError
-    from lmflax.train.loop import run
+    from lmflax.train.checkpoint import CheckpointIntegrityError
+    from lmflax.train.loop import TrainingError, run
 
     tfds.disable_progress_bar()
     workdir = args.workdir or os.path.join("runs", name)
@@ -84,9 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (DataError, OSError) as e:
+    except (DataError, OSError, TrainingError, CheckpointIntegrityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if summary.get("preempted"):
+        print(
+            f"stopped by {summary['preempted']} at step {summary['final_step']} after saving a "
+            f"checkpoint; run the same command to continue (workdir {workdir})"
+        )
+        return 0
     if "sample" in summary:
         print(f"\nsample after {summary['final_step']} steps:\n{summary['sample']}\n")
     loss = summary.get("final_loss")

@@ -139,6 +139,12 @@ class TrainConfig:
     """The loop: how long, how often to log/evaluate/checkpoint, what to print at the end.
 
     checkpoint_every=0 saves only at the end; eval_every=0 evaluates only at the end.
+    Retention: the newest keep_checkpoints checkpoints survive, plus every step that is a multiple
+    of keep_every (0 = none). verify_checkpoints checks each checkpoint's recorded SHA-256 sums
+    before restoring it. nonfinite: what a NaN/Inf loss or gradient does — 'stop' (exit non-zero,
+    naming the step) or 'skip' (the update is dropped, parameters and optimizer state stay
+    bit-for-bit unchanged, and the skips are counted in the metrics); either way no update from a
+    non-finite step is ever applied or saved.
     sample_tokens tokens are generated from sample_prompt at the end (0 = no sample).
     """
 
@@ -147,6 +153,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
+    keep_every: int = 0
+    verify_checkpoints: bool = True
+    nonfinite: str = "stop"
     eval_every: int = 0
     eval_steps: int = 10
     sample_prompt: str = "def "
@@ -570,6 +579,9 @@ def validate(cfg: Config) -> Config:
             errs.append(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if t.keep_checkpoints <= 0:
         errs.append(f"train.keep_checkpoints must be > 0, got {t.keep_checkpoints}")
+    if t.keep_every < 0:
+        errs.append(f"train.keep_every must be >= 0 (0 = off), got {t.keep_every}")
+    _one_of(errs, "train.nonfinite", t.nonfinite, ("stop", "skip"))
     if t.sample_temperature < 0:
         errs.append(f"train.sample_temperature must be >= 0, got {t.sample_temperature}")
     if o.learning_rate <= 0:

@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -203,8 +205,186 @@ def _close(it: Any) -> None:
         close()
 
 
+class TrainingError(RuntimeError):
+    """A run that had to stop: non-finite values under nonfinite='stop', a failed checkpoint
+    save, or checkpoints that fail verification. train.py exits 1 with the message."""
+
+
+class _StopRequests:
+    """SIGTERM (preemption) and a first Ctrl-C ask the loop to save and exit cleanly; a second
+    Ctrl-C interrupts at once. Handlers are installed only in the main thread and restored after."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning(
+            "received %s: saving a checkpoint after this step, then exiting", self.requested
+        )
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def stop_now(self, step: int) -> bool:
+        if self.requested is not None:
+            return True
+        if jax.process_count() > 1:
+            # Multi-host preemption notices arrive through the coordination service; all hosts
+            # reach the same answer at the same step.
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.requested = "preemption notice"
+                    return True
+            except RuntimeError:  # no preemption service in this cluster
+                pass
+        return False
+
+
+def _state_bytes(abstract: Any) -> int:
+    return sum(
+        int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract)
+    )
+
+
+def _check_disk(workdir: Path, abstract: Any, keep: int) -> None:
+    """Refuses to start when the workdir's filesystem cannot hold the checkpoints the run keeps."""
+    import shutil
+
+    need = _state_bytes(abstract) * (keep + 1)  # the kept ones plus one being written
+    free = shutil.disk_usage(workdir).free
+    if need > free:
+        raise OSError(
+            f"workdir {workdir} has {free / 2**30:.2f} GiB free but checkpoints need about "
+            f"{need / 2**30:.2f} GiB ({keep} kept + 1 in progress, "
+            f"{_state_bytes(abstract) / 2**30:.2f} GiB each); free space or lower "
+            "train.keep_checkpoints"
+        )
+
+
+class _Loop:
+    """One run of the training loop over a restored or fresh state (see `run`)."""
+
+    def __init__(self, trainer: Trainer, workdir: Path, config_name: str):
+        self.trainer, self.cfg, self.workdir, self.name = trainer, trainer.cfg, workdir, config_name
+        t = self.cfg.train
+        self.is_writer = jax.process_index() == 0
+        self.ckpt = Checkpointer(
+            workdir / "checkpoints",
+            keep=t.keep_checkpoints,
+            keep_every=t.keep_every,
+            verify=t.verify_checkpoints,
+        )
+        self.writer = MetricWriter(workdir, enabled=self.is_writer)
+        self.pending: list[tuple[int, Any]] = []  # (step, its 'skipped' flag) not yet checked
+        self.skipped_total = 0
+        self.last_saved: int | None = None
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def check_finite(self) -> None:
+        """Under nonfinite='stop', raise naming the first step whose update was dropped."""
+        if not self.pending:
+            return
+        flags = jax.device_get([f for _, f in self.pending])
+        steps = [s for s, _ in self.pending]
+        self.pending = []
+        bad = [s for s, f in zip(steps, flags) if f > 0]
+        if bad and self.cfg.train.nonfinite == "stop":
+            raise TrainingError(
+                f"non-finite loss or gradient at step {bad[0]}"
+                + (f" (and {len(bad) - 1} more steps up to {bad[-1]})" if len(bad) > 1 else "")
+                + "; its update was not applied and nothing from it was saved. Last checkpoint: "
+                + (f"step {self.last_saved}" if self.last_saved is not None else "none")
+                + ". Lower the learning rate, or set train.nonfinite=skip to skip such steps."
+            )
+
+    def _save_failed(self, e: Exception) -> TrainingError:
+        return TrainingError(
+            f"saving a checkpoint failed: {e}\nFinished checkpoints are intact: "
+            f"{self.ckpt.all_steps()} in {self.ckpt.directory}"
+        )
+
+    def check_saves(self) -> None:
+        """Surfaces the error of a background save that failed since the last check."""
+        try:
+            self.ckpt.check_errors()
+        except Exception as e:
+            raise self._save_failed(e) from None
+
+    def save(
+        self, step: int, state: TrainState, train_iter: Any, window: Any, window_steps: int
+    ) -> None:
+        self.check_finite()
+        self.check_saves()
+        meta = {
+            "step": step,
+            "config": self.name,
+            "window": _window_to_json(window),
+            "window_steps": window_steps,
+            "skipped_total": self.skipped_total,
+        }
+        try:  # orbax first waits for the previous save, so its error can surface here
+            self.ckpt.save(step, state.arrays(), train_iter, meta, force=True)
+        except Exception as e:
+            raise self._save_failed(e) from None
+        self.last_saved = step
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def restore_or_init(self, train_iter: Any) -> tuple[TrainState, dict[str, Any] | None]:
+        trainer = self.trainer
+        with trainer.context():
+            restored = self.ckpt.restore_latest(trainer.abstract_for_restore(), train_iter)
+            if restored is not None:
+                step, arrays, meta = restored
+                self.last_saved = step
+                self.skipped_total = int(meta.get("skipped_total", 0))
+                log.info("resumed from %s at step %d", self.ckpt.directory, step)
+                return trainer.state.with_arrays(arrays), meta
+            log.info("initialised a new run in %s", self.workdir)
+            return trainer.initialize(), None
+
+    def wait(self) -> None:
+        """Blocks until pending saves finish; a failed one becomes a TrainingError."""
+        try:
+            self.ckpt.wait()
+        except Exception as e:
+            raise self._save_failed(e) from None
+
+    def close(self, *, failing: bool) -> None:
+        """Closes the checkpointer and writer; while an error is already propagating, a second
+        one from a pending save is logged instead of replacing it."""
+        try:
+            self.ckpt.close()
+        except Exception as e:
+            if not failing:
+                raise self._save_failed(e) from None
+            log.error("a pending checkpoint save also failed: %s", e)
+        finally:
+            self.writer.close()
+
+
 def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dict[str, Any]:
-    """Trains (or resumes) the run in `workdir`; returns a summary of what happened."""
+    """Trains (or resumes) the run in `workdir`; returns a summary of what happened.
+
+    Raises ConfigError (bad config), DataError (unreadable data), OSError (unusable workdir) or
+    TrainingError (non-finite values, failed saves, corrupt checkpoints). SIGTERM saves a
+    checkpoint and returns early with summary['preempted'] set.
+    """
     workdir = Path(workdir)
     config_lib.validate(cfg)
     config_lib.validate_devices(cfg, jax.device_count())
@@ -213,6 +393,7 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     t = cfg.train
 
     trainer = Trainer.create(cfg, init=False)
+    _check_disk(workdir, trainer.abstract_state, t.keep_checkpoints)
     task = trainer.task
     log.info(
         "tokenizer: %d tokens; model: %s", task.tokenizer.vocab_size, type(task.model).__name__
@@ -225,136 +406,151 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
             cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir, download=cfg.data.download
         )
 
-    ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-    per_process = cfg.data.batch_size // jax.process_count()
+    loop = _Loop(trainer, workdir, config_name)
     train_iter = iter(
         task.dataset(
             cfg.data.train_split,
             seed=t.seed,
-            batch_size=per_process,
+            batch_size=cfg.data.batch_size // jax.process_count(),
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
     )
-    latest = ckpt.latest_step()
-    meta = None
-    with trainer.context():
-        if latest is not None:
-            arrays, meta = ckpt.restore(latest, trainer.abstract_for_restore(), train_iter)
-            state = trainer.state.with_arrays(arrays)
-            log.info("resumed from %s at step %d", ckpt.directory, latest)
-        else:
-            state = trainer.initialize()
-            log.info("initialised a new run in %s", workdir)
+    failing = True
+    try:
+        state, meta = loop.restore_or_init(train_iter)
+        summary = _train(loop, state, meta, train_iter)
+        failing = False
+    finally:
+        _close(train_iter)
+        loop.close(failing=failing)
+    if is_writer:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _train(
+    loop: _Loop, state: TrainState, meta: dict[str, Any] | None, train_iter: Any
+) -> dict[str, Any]:
+    trainer, cfg = loop.trainer, loop.cfg
+    t = cfg.train
     start = int(jax.device_get(state.step))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log.info(
         "%s: %s parameters, mesh %s, %d devices, steps %d -> %d",
-        config_name,
+        loop.name,
         f"{n_params:,}",
         dict(trainer.mesh.shape),
         jax.device_count(),
         start,
         t.steps,
     )
-
-    writer = MetricWriter(workdir, enabled=is_writer)
-    writer.truncate_after(start)
-    progress = Progress(t.steps, start, enabled=is_writer and t.progress)
+    loop.writer.truncate_after(start)
+    progress = Progress(t.steps, start, enabled=loop.is_writer and t.progress)
     step_fn = trainer.jit_train_step()
     eval_fn = trainer.jit_eval_step()
     dropout_key = jax.random.fold_in(jax.random.key(t.seed), 1)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    summary: dict[str, Any] = {"start_step": start, "workdir": str(workdir), "params": n_params}
-    last_saved = latest
+    summary: dict[str, Any] = {
+        "start_step": start,
+        "workdir": str(loop.workdir),
+        "params": n_params,
+    }
     # Logged values average the steps since the last log. The partial window is saved with each
     # checkpoint, so a resumed run logs exactly what an uninterrupted one would.
-    window, window_steps = _restore_window(meta)
+    window, window_steps = _window_from_json(meta)
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-    try:
-        with trainer.context():
-            t_last = time.perf_counter()
-            timed_steps = 0
-            for step in range(start, t.steps):
-                batch = trainer.global_batch(next(train_iter))
-                state, metrics = step_fn(state, batch, jax.random.fold_in(dropout_key, step))
-                window = metrics if window is None else add(window, metrics)
-                done, window_steps, timed_steps = step + 1, window_steps + 1, timed_steps + 1
-                if done % t.log_every == 0 or done == t.steps:
-                    values = finalize(jax.device_get(window))
-                    values["learning_rate"] = float(state.schedule(step))
-                    now = time.perf_counter()
-                    values["tokens_per_sec"] = timed_steps * tokens_per_step / (now - t_last)
-                    t_last, timed_steps = now, 0
-                    window, window_steps = None, 0
-                    writer.write(done, values)
-                    progress.update(done, values["loss"], values["tokens_per_sec"])
-                    summary["final_loss"] = values["loss"]
-                if (
-                    t.eval_every
-                    and done % t.eval_every == 0
-                    and done != t.steps
-                    and cfg.data.eval_split
-                ):
-                    ev = evaluate(trainer, state, cfg.data.eval_split, t.eval_steps, eval_fn)
-                    writer.write(done, ev, file="eval_metrics", prefix="eval/")
-                if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-                    ckpt.save(
-                        done,
-                        state.arrays(),
-                        train_iter,
-                        _meta(done, config_name, window, window_steps),
-                    )
-                    last_saved = done
-            progress.close()
-            if last_saved != t.steps and start < t.steps:
-                ckpt.save(
-                    t.steps,
-                    state.arrays(),
-                    train_iter,
-                    _meta(t.steps, config_name, None, 0),
-                    force=True,
-                )
-            ckpt.wait()
-            if start >= t.steps:
-                log.info(
-                    "run already complete at step %d (train.steps=%d); nothing to do",
-                    start,
-                    t.steps,
-                )
-            if cfg.data.eval_split:
+    with trainer.context(), _StopRequests() as stops:
+        t_last, timed_steps = time.perf_counter(), 0
+        for step in range(start, t.steps):
+            batch = trainer.global_batch(next(train_iter))
+            state, metrics = step_fn(state, batch, jax.random.fold_in(dropout_key, step))
+            done = step + 1
+            loop.pending.append((done, metrics["skipped"]))
+            window = metrics if window is None else add(window, metrics)
+            window_steps, timed_steps = window_steps + 1, timed_steps + 1
+            if done % t.log_every == 0 or done == t.steps:
+                loop.check_finite()
+                loop.check_saves()
+                values = finalize(jax.device_get(window))
+                loop.skipped_total += int(values["skipped"])
+                values["skipped_total"] = loop.skipped_total
+                values["learning_rate"] = float(state.schedule(step))
+                now = time.perf_counter()
+                values["tokens_per_sec"] = timed_steps * tokens_per_step / (now - t_last)
+                t_last, timed_steps = now, 0
+                window, window_steps = None, 0
+                loop.writer.write(done, values)
+                progress.update(done, values["loss"], values["tokens_per_sec"])
+                summary["final_loss"] = values["loss"]
+            if (
+                t.eval_every
+                and done % t.eval_every == 0
+                and done != t.steps
+                and cfg.data.eval_split
+            ):
+                loop.check_finite()
                 ev = evaluate(trainer, state, cfg.data.eval_split, t.eval_steps, eval_fn)
-                summary["eval"] = ev
-                if start < t.steps:
-                    writer.write(t.steps, ev, file="eval_metrics", prefix="eval/")
-                log.info("eval on %s: %s", cfg.data.eval_split, _fmt(ev))
-            sample = task.sample(state.params, jax.random.fold_in(jax.random.key(t.seed), 2))
-            if sample is not None:
-                summary["sample"] = sample
-    finally:
-        _close(train_iter)
-        ckpt.close()
-        writer.close()
+                loop.writer.write(done, ev, file="eval_metrics", prefix="eval/")
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+                loop.save(done, state, train_iter, window, window_steps)
+            if stops.stop_now(done):
+                if loop.last_saved != done:
+                    loop.save(done, state, train_iter, window, window_steps)
+                loop.wait()
+                progress.close()
+                log.warning(
+                    "stopped by %s: checkpoint saved at step %d; run the same command to continue",
+                    stops.requested,
+                    done,
+                )
+                summary.update(preempted=stops.requested, final_step=done)
+                return summary
+        progress.close()
+        if start < t.steps and loop.last_saved != t.steps:
+            loop.save(t.steps, state, train_iter, None, 0)
+        loop.wait()
+        if start >= t.steps:
+            log.info(
+                "run already complete at step %d (train.steps=%d); nothing to do", start, t.steps
+            )
+        if cfg.data.eval_split:
+            ev = evaluate(trainer, state, cfg.data.eval_split, t.eval_steps, eval_fn)
+            summary["eval"] = ev
+            if start < t.steps:
+                loop.writer.write(t.steps, ev, file="eval_metrics", prefix="eval/")
+            log.info("eval on %s: %s", cfg.data.eval_split, _fmt(ev))
+        sample = _sample(loop, state)
+        if sample is not None:
+            summary["sample"] = sample
     summary["final_step"] = int(jax.device_get(state.step))
-    if is_writer:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _meta(step: int, config_name: str, window: Any, window_steps: int) -> dict[str, Any]:
-    """Checkpoint metadata, with the metric sums of the not-yet-logged steps."""
-    sums = None
-    if window is not None:
-        sums = {k: [float(v) for v in pair] for k, pair in jax.device_get(window).items()}
-    return {"step": step, "config": config_name, "window": sums, "window_steps": window_steps}
+def _sample(loop: _Loop, state: TrainState) -> str | None:
+    return loop.trainer.task.sample(
+        state.params, jax.random.fold_in(jax.random.key(loop.cfg.train.seed), 2)
+    )
 
 
-def _restore_window(meta: dict[str, Any] | None) -> tuple[Any, int]:
+def _window_to_json(window: Any) -> dict[str, Any] | None:
+    """The metric sums of the not-yet-logged steps, as JSON (float32 -> float is exact)."""
+    if window is None:
+        return None
+    out = {}
+    for k, v in jax.device_get(window).items():
+        out[k] = [float(x) for x in v] if isinstance(v, tuple | list) else float(v)
+    return out
+
+
+def _window_from_json(meta: dict[str, Any] | None) -> tuple[Any, int]:
     if not meta or not meta.get("window"):
         return None, 0
-    # float32 -> Python float -> float32 is exact, so the resumed sums are bit-identical.
     window = {
-        k: tuple(jnp.asarray(v, jnp.float32) for v in pair) for k, pair in meta["window"].items()
+        k: tuple(jnp.asarray(x, jnp.float32) for x in v)
+        if isinstance(v, list)
+        else jnp.asarray(v, jnp.float32)
+        for k, v in meta["window"].items()
     }
     return window, int(meta.get("window_steps", 0))
 

@@ -31,10 +31,15 @@ def cross_entropy(
     return loss_sum, {"loss": (loss_sum, count), "accuracy": (correct, count)}
 
 
-def finalize(metrics: dict[str, Metric]) -> dict[str, float]:
-    """(sum, count) pairs -> values; adds perplexity = exp(loss) when a loss is present."""
+def finalize(metrics: dict[str, Metric | jax.Array]) -> dict[str, float]:
+    """(sum, count) pairs -> sum / count; plain scalars are totals (e.g. 'skipped' steps).
+    Adds perplexity = exp(loss) when a loss is present."""
     out = {}
-    for name, (total, count) in metrics.items():
+    for name, value in metrics.items():
+        if not isinstance(value, tuple | list):
+            out[name] = float(value)
+            continue
+        total, count = value
         count = float(count)
         out[name] = float(total) / count if count else float("nan")
     if "loss" in out:

@@ -43,24 +43,36 @@ def _grads_and_metrics(
 
 def train_step(
     state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
-) -> tuple[TrainState, dict[str, Metric]]:
-    """One optimizer update. Returns the new state and metrics as (sum, count) pairs: the task's
-    (loss, accuracy, ...) plus grad_norm and learning_rate (count 1).
+) -> tuple[TrainState, dict[str, Any]]:
+    """One optimizer update. Returns the new state and metrics: the task's (sum, count) pairs
+    (loss, accuracy, ...), grad_norm and learning_rate (count 1), and 'skipped' (a plain sum:
+    1 if this step's update was dropped).
 
     The gradient is that of the weighted mean loss over the whole global batch, however it is
     split into micro-batches: summed losses are differentiated and divided by the total weight.
+    If the loss or the gradient is not finite the update is dropped: parameters and optimizer
+    state come back bit-for-bit unchanged (only the step counter advances) and 'skipped' is 1.
     """
     grads, metrics = _grads_and_metrics(state, batch, rng)
     weight = jnp.maximum(metrics["loss"][1], 1.0)
     grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm)
+
+    def update(_: None) -> tuple[Any, Any]:
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
+
+    def keep(_: None) -> tuple[Any, Any]:
+        return state.params, state.opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, keep, None)
     one = jnp.ones((), jnp.float32)
     metrics = {
         **metrics,
         "grad_norm": (grad_norm.astype(jnp.float32), one),
         "learning_rate": (jnp.asarray(state.schedule(state.step), jnp.float32), one),
+        "skipped": 1.0 - finite.astype(jnp.float32),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

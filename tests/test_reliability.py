@@ -1,0 +1,483 @@
+"""What happens when things go wrong: strict inputs, bad data, NaNs, crashes during saves,
+preemption, exact resume, corrupted checkpoints and retention (issue 7).
+
+Subprocess tests drive train.py with real signals; library tests use the Checkpointer and the
+pure train step directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lmflax.config import load_config_file, override
+from lmflax.train.checkpoint import CHECKSUMS, Checkpointer, CheckpointIntegrityError
+from lmflax.train.metrics import read_metrics
+
+from .conftest import ROOT, run_train
+
+TINY = [
+    "--config.model.num_layers=2",
+    "--config.model.d_model=64",
+    "--config.model.d_ff=128",
+    "--config.data.seq_len=64",
+    "--config.data.batch_size=8",
+    "--config.train.sample_tokens=0",
+    "--config.data.eval_split=",
+    "--config.train.log_every=1",
+    "--config.model.dropout_rate=0.1",
+    "--config.model.attention_dropout_rate=0.1",
+]
+
+
+def _env(data_dir: str) -> dict[str, str]:
+    return {**os.environ, "TFDS_DATA_DIR": data_dir, "PYTHONUNBUFFERED": "1"}
+
+
+def _popen(args: list[str], data_dir: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=_env(data_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(workdir / "metrics.jsonl")}
+
+
+def _steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _params(step_dir: Path) -> dict:
+    return ocp.PyTreeCheckpointer().restore(step_dir / "state")["params"]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"train.py exited ({proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}"
+            )
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. strict configs (more in test_config.py)
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--config.mesh.data=2"], "= 2 but there are 1 devices"),
+        (
+            ["--config.data.batch_size=6", "--config.optimizer.grad_accum_steps=4"],
+            "divisible by optimizer.grad_accum_steps",
+        ),
+        (["--config.optimizer.learning_rate=0"], "learning_rate must be > 0"),
+        (["--config.model.num_kv_heads=3"], "must divide model.num_heads"),
+        (
+            ["--config.data.seq_len=257"],
+            "longer than the model's learned positions (model.max_len=256)",
+        ),
+    ],
+)
+def test_impossible_values_exit_2_before_compiling(args, expected, data_dir, tmp_path):
+    proc = run_train(
+        [f"--workdir={tmp_path}", *args], data_dir, check=False, env={"JAX_LOG_COMPILES": "1"}
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr
+    assert "Compiling" not in proc.stderr and "Finished XLA compilation" not in proc.stderr
+
+
+def test_validation_itself_is_fast():
+    """The checks take milliseconds; the CLI's wall time is dominated by importing JAX/Flax."""
+    from lmflax.config import apply_overrides, validate
+
+    cfg, _ = load_config_file(None)
+    t0 = time.perf_counter()
+    for _ in range(100):
+        validate(apply_overrides(cfg, ["train.steps=5", "model.num_heads=4"]))
+    per_call = (time.perf_counter() - t0) / 100
+    print(f"validate + overrides: {per_call * 1e3:.2f} ms")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. bad data
+
+
+def test_missing_dataset_and_oversized_tokenizer_are_clear_errors(data_dir, tmp_path):
+    proc = run_train(
+        [f"--workdir={tmp_path / 'a'}", "--config.data.dataset=not_a_dataset"],
+        data_dir,
+        check=False,
+    )
+    assert proc.returncode == 1 and "cannot open TFDS dataset 'not_a_dataset'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # A 100-token model with a byte-level tokenizer (256 byte tokens at least): refused, named.
+    proc = run_train(
+        [f"--workdir={tmp_path / 'b'}", "--config.model.vocab_size=100"], data_dir, check=False
+    )
+    assert proc.returncode == 1 and "ids would fall outside the embedding table" in proc.stderr
+
+
+def test_invalid_utf8_names_the_record(tmp_path):
+    import grain
+
+    from lmflax.data import pipeline
+    from lmflax.data.sources import DataError
+    from lmflax.data.tokenizers import train_tokenizer
+
+    cfg, _ = load_config_file(None)
+    tok = train_tokenizer("bpe", iter(["good text"] * 20), 300)
+    records = [{"text": b"fine"}, {"text": b"fine too"}, {"text": b"bro\xffken"}]
+    ds = grain.MapDataset.source(records).map_with_index(
+        pipeline._tokenize(cfg.data, lambda ids: {"ids": ids}, tok)
+    )
+    assert ds[0]["ids"]
+    with pytest.raises(DataError, match=r"record 2, feature 'text' is not valid UTF-8"):
+        list(ds.to_iter_dataset())
+
+
+def test_long_documents_are_split_across_rows_not_dropped(data_dir):
+    """Documents longer than seq_len continue in the next rows (documented packing)."""
+    from lmflax.data import pipeline, sources
+
+    cfg, _ = load_config_file(None)
+    cfg = override(cfg, {"data.data_dir": data_dir, "data.seq_len": 16, "data.shuffle_buffer": 1})
+    tok = pipeline.load_tokenizer(cfg.data, cfg.model.vocab_size)
+    first_doc = pipeline.documents(cfg.data, "train", seed=0)[0]["text"].decode()
+    ids = tok.encode(first_doc)
+    assert len(ids) > 3 * 16
+    it = iter(pipeline.causal_lm_dataset(cfg, tok, "train", seed=0, batch_size=1))
+    rows = [next(it)["targets"][0] for _ in range(len(ids) // 16)]
+    it.close()
+    np.testing.assert_array_equal(
+        np.concatenate(rows)[: len(ids)], np.asarray(ids, np.int32)[: 16 * len(rows)][: len(ids)]
+    )
+    assert cfg.data.dataset == sources.EMBEDDED
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. NaN / Inf
+
+
+def test_nonfinite_stops_the_run_naming_the_step(data_dir, tmp_path):
+    proc = run_train(
+        [
+            f"--workdir={tmp_path}",
+            *TINY,
+            "--config.train.steps=30",
+            "--config.train.checkpoint_every=1",
+            "--config.optimizer.learning_rate=1e30",
+            "--config.optimizer.warmup_steps=0",
+            "--config.optimizer.clip_norm=0",
+        ],
+        data_dir,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    msg = proc.stderr[proc.stderr.index("error: non-finite") :]
+    bad = int(msg.split("at step ")[1].split()[0].rstrip(";"))
+    assert bad >= 1
+    # Every checkpoint predates the bad step, and every saved value is finite.
+    steps = _steps(tmp_path)
+    assert steps and max(steps) < bad
+    params = _params(tmp_path / "checkpoints" / str(max(steps)))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+def test_skip_policy_leaves_state_bit_identical_and_counts():
+    from lmflax.train.loop import Trainer
+
+    cfg, _ = load_config_file(None)
+    cfg = override(
+        cfg,
+        {
+            "model.vocab_size": 64,
+            "model.num_layers": 1,
+            "model.d_model": 32,
+            "model.d_ff": 64,
+            "data.batch_size": 4,
+            "data.seq_len": 8,
+            "mesh.data": 1,
+            "train.nonfinite": "skip",
+        },
+    )
+    tr = Trainer.create(cfg)
+    step = tr.jit_train_step()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 64, (4, 9)).astype(np.int32)
+    batch = {
+        "inputs": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "positions": np.tile(np.arange(8, dtype=np.int32), (4, 1)),
+        "segment_ids": np.ones((4, 8), np.int32),
+        "weights": np.ones((4, 8), np.float32),
+    }
+    bad = dict(batch, weights=np.full((4, 8), np.nan, np.float32))
+    with tr.context():
+        s1, m1 = step(tr.state, tr.global_batch(batch), jax.random.key(0))
+        before = jax.device_get(s1.arrays())
+        s2, m2 = step(s1, tr.global_batch(bad), jax.random.key(1))
+        after = jax.device_get(s2.arrays())
+    assert float(m1["skipped"]) == 0.0 and float(m2["skipped"]) == 1.0
+    assert int(after["step"]) == int(before["step"]) + 1
+    for a, b in zip(
+        jax.tree.leaves(before["params"]) + jax.tree.leaves(before["opt_state"]),
+        jax.tree.leaves(after["params"]) + jax.tree.leaves(after["opt_state"]),
+    ):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_skip_policy_run_completes_and_reports_skips(data_dir, tmp_path):
+    run_train(
+        [
+            f"--workdir={tmp_path}",
+            *TINY,
+            "--config.train.steps=8",
+            "--config.train.checkpoint_every=4",
+            "--config.optimizer.learning_rate=1e30",
+            "--config.optimizer.warmup_steps=0",
+            "--config.optimizer.clip_norm=0",
+            "--config.train.nonfinite=skip",
+        ],
+        data_dir,
+    )
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records[-1]["skipped_total"] == sum(r["skipped"] for r in records) > 0
+    params = _params(tmp_path / "checkpoints" / "8")
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-6. crashes, preemption, exact resume
+
+RESUME = [*TINY, "--config.train.steps=40", "--config.train.checkpoint_every=20"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory) -> Path:
+    """40 steps, never interrupted: the reference for the resume tests."""
+    workdir = tmp_path_factory.mktemp("straight")
+    run_train([f"--workdir={workdir}", *RESUME], data_dir)
+    return workdir
+
+
+def test_kill_after_checkpoint_resumes_bit_identical(straight_run, data_dir, tmp_path):
+    """40 straight vs 20 + kill -9 + the rest: identical losses and bit-identical parameters."""
+    proc = _popen([f"--workdir={tmp_path}", *RESUME], data_dir)
+    _wait_for(lambda: (tmp_path / "checkpoints" / "20").is_dir(), proc, "checkpoint 20")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert 20 <= max(_losses(tmp_path)) < 40, (
+        "the run ended before it was killed; nothing was tested"
+    )
+    resumed = run_train([f"--workdir={tmp_path}", *RESUME], data_dir)
+    assert "resumed from" in resumed.stderr and "at step 20" in resumed.stderr
+    assert _losses(tmp_path) == _losses(straight_run)
+    a, b = _params(tmp_path / "checkpoints" / "40"), _params(straight_run / "checkpoints" / "40")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_sigterm_saves_exits_0_and_the_rerun_continues(straight_run, data_dir, tmp_path):
+    proc = _popen([f"--workdir={tmp_path}", *RESUME], data_dir)
+    _wait_for(
+        lambda: (tmp_path / "metrics.jsonl").exists() and len(_losses(tmp_path)) >= 5,
+        proc,
+        "step 5",
+    )
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    stopped = int(out.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert 5 <= stopped < 40 and stopped in _steps(tmp_path)
+    resumed = run_train([f"--workdir={tmp_path}", *RESUME], data_dir)
+    assert f"at step {stopped}" in resumed.stderr
+    assert _losses(tmp_path) == _losses(straight_run)
+
+
+def test_kill_during_a_save_keeps_the_previous_checkpoint(data_dir, tmp_path):
+    """kill -9 while checkpoint 2+ is being written: the unfinished directory is never taken for
+    a finished one, and the rerun resumes from the last finished checkpoint."""
+    args = [
+        f"--workdir={tmp_path}",
+        *TINY,
+        "--config.train.steps=200",
+        "--config.train.checkpoint_every=1",
+        "--config.model.vocab_size=2048",
+        "--config.train.keep_checkpoints=2",
+    ]
+    proc = _popen(args, data_dir)
+    ckpts = tmp_path / "checkpoints"
+
+    def mid_save() -> bool:
+        if not ckpts.is_dir():
+            return False
+        names = [p.name for p in ckpts.iterdir()]
+        return any("tmp" in n for n in names) and any(n.isdigit() for n in names)
+
+    _wait_for(mid_save, proc, "a save in progress after a finished one")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    finished = _steps(tmp_path)
+    unfinished = [p.name for p in ckpts.iterdir() if not p.name.isdigit()]
+    assert finished and unfinished, (finished, unfinished)
+    resumed = run_train(
+        [*args[:-4], "--config.train.steps=" + str(max(finished) + 2), *args[-3:]], data_dir
+    )
+    assert f"at step {max(finished)}" in resumed.stderr
+    assert not [p for p in ckpts.iterdir() if "tmp" in p.name]
+
+
+def test_failed_async_save_surfaces_and_earlier_checkpoints_survive(data_dir, tmp_path):
+    """A save that fails in the background (files capped at 256 KiB: EFBIG, like a full disk)
+    stops the run with a message and exit 1; checkpoints saved before it are intact."""
+    base = [f"--workdir={tmp_path}", *TINY, "--config.train.checkpoint_every=10"]
+    run_train([*base, "--config.train.steps=20"], data_dir)
+    sums_before = {
+        s: (tmp_path / "checkpoints" / str(s) / CHECKSUMS).read_text() for s in _steps(tmp_path)
+    }
+
+    def cap_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *base, "--config.train.steps=40"],
+        cwd=ROOT,
+        env=_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=cap_files,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "saving a checkpoint failed" in proc.stderr and "File too large" in proc.stderr
+    assert "Finished checkpoints are intact: [10, 20]" in proc.stderr
+    assert {
+        s: (tmp_path / "checkpoints" / str(s) / CHECKSUMS).read_text() for s in _steps(tmp_path)
+    } == sums_before
+    again = run_train([*base, "--config.train.steps=40"], data_dir)
+    assert "at step 20" in again.stderr and _steps(tmp_path)[-1] == 40
+
+
+# ---------------------------------------------------------------------------------------------
+# 7-8. integrity and retention (library level)
+
+
+class _Iter:
+    """Stands in for a grain iterator: a JSON-able position."""
+
+    def __init__(self, n: int = 0):
+        self.n = n
+
+    def get_state(self) -> dict:
+        return {"n": self.n}
+
+    def set_state(self, state: dict) -> None:
+        self.n = state["n"]
+
+
+def _values(step: int) -> jax.Array:
+    # Random values: constant arrays compress to almost nothing and leave no file to damage.
+    return jax.random.normal(jax.random.key(step), (64, 64))
+
+
+def _save_steps(directory: Path, steps: list[int], **kw) -> Checkpointer:
+    ck = Checkpointer(directory, keep=kw.pop("keep", 5), **kw)
+    for s in steps:
+        ck.save(s, {"w": _values(s)}, _Iter(s), {"step": s}, force=True)
+    ck.wait()
+    return ck
+
+
+def _abstract():
+    return {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_checkpoint_is_refused_and_the_previous_one_restored(tmp_path, damage, caplog):
+    _save_steps(tmp_path, [1, 2]).close()
+    step_dir = tmp_path / "2"
+    victim = max(
+        (p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS),
+        key=lambda p: p.stat().st_size,
+    )
+    data = victim.read_bytes()
+    if damage == "flip":
+        victim.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    elif damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    else:
+        victim.unlink()
+    ck = Checkpointer(tmp_path, keep=5)
+    it = _Iter()
+    step, arrays, meta = ck.restore_latest(_abstract(), it)
+    assert step == 1 and it.n == 1 and meta["step"] == 1
+    np.testing.assert_array_equal(np.asarray(arrays["w"]), np.asarray(_values(1)))
+    assert list(tmp_path.glob("2.corrupt-*")), "the damaged checkpoint must be kept aside"
+    assert "damaged" in caplog.text and "fell back to checkpoint step 1" in caplog.text
+    ck.close()
+
+
+def test_no_verifiable_checkpoint_is_refused(tmp_path):
+    _save_steps(tmp_path, [1]).close()
+    victim = next(
+        p for p in (tmp_path / "1" / "state").rglob("*") if p.is_file() and p.stat().st_size > 1000
+    )
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    ck = Checkpointer(tmp_path, keep=5)
+    with pytest.raises(CheckpointIntegrityError, match="no checkpoint verifies"):
+        ck.restore_latest(_abstract(), _Iter())
+    ck.close()
+
+
+def test_retention_keeps_newest_n_plus_every_kth(tmp_path):
+    ck = _save_steps(tmp_path, list(range(10, 101, 10)), keep=2, keep_every=30)
+    assert ck.all_steps() == [30, 60, 90, 100]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["100", "30", "60", "90"]
+    assert all(json.loads((tmp_path / s / CHECKSUMS).read_text()) for s in ["30", "100"])
+    ck.close()
+
+
+def test_unusable_workdir_is_reported_at_startup(data_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_train([f"--workdir={blocker / 'run'}", *TINY], data_dir, check=False)
+    assert proc.returncode == 1 and "is not writable" in proc.stderr
+    # A model whose checkpoints cannot fit on this disk (traced, never allocated).
+    proc = run_train(
+        [
+            f"--workdir={tmp_path / 'big'}",
+            "--config.model.d_model=16384",
+            "--config.model.d_ff=65536",
+            "--config.model.num_layers=64",
+            "--config.model.num_heads=64",
+            "--config.model.vocab_size=65536",
+        ],
+        data_dir,
+        check=False,
+    )
+    assert proc.returncode == 1 and "GiB free but checkpoints need about" in proc.stderr
+    assert not (tmp_path / "big" / "checkpoints").exists() or not _steps(tmp_path / "big")
