@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lmflax.config import ModelConfig, register_model_config
-from lmflax.nn import Embed, Encoder, LayerNorm, LearnedPositions, Linear, padding_mask
+from lmflax.nn import Embed, Encoder, LayerNorm, LearnedPositions, Linear, SegmentIds
 from lmflax.nn._util import as_dtype, constrain
 from lmflax.nn.feedforward import _ACTIVATIONS
 
@@ -82,7 +82,8 @@ class BertModel(nn.Module):
         x = x + self.type_embed(token_type_ids)
         x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
-        mask = padding_mask(attention_mask) if attention_mask is not None else None
+        # Padding as segment ids (0 = padding key) so fused attention kernels can read it.
+        mask = SegmentIds.padding(attention_mask) if attention_mask is not None else None
         hidden = self.encoder(x, mask=mask, deterministic=deterministic)
         pooled = jnp.tanh(self.pooler(hidden[:, 0])) if self.config.add_pooler else None
         return BertOutput(hidden, pooled)

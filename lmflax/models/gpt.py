@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lmflax.config import ModelConfig, register_model_config
-from lmflax.nn import Decoder, Embed, LearnedPositions, Linear, segment_mask, sinusoidal_positions
+from lmflax.nn import Decoder, Embed, LearnedPositions, Linear, SegmentIds, sinusoidal_positions
 from lmflax.nn._util import as_dtype, constrain
 
 
@@ -78,7 +78,8 @@ class GPT(nn.Module):
             )
         x = self.embed_dropout(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
-        mask = segment_mask(segment_ids) if segment_ids is not None else None
+        # Segment ids stay ids (not a [B, T, T] mask) so fused attention kernels can read them.
+        mask = SegmentIds.packed(segment_ids) if segment_ids is not None else None
         x = self.decoder(
             x, mask=mask, positions=positions, deterministic=deterministic, decode=decode
         )
