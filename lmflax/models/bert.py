@@ -75,7 +75,9 @@ class BertModel(nn.Module):
         deterministic: bool,
     ) -> BertOutput:
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+            # The same positions in every row: one [1, T, D] lookup, whose gradient is a sum over
+            # rows rather than a scatter-add with B-way collisions.
+            positions = jnp.arange(input_ids.shape[1])
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.token_embed(input_ids) + self.position_embed(positions)

@@ -67,11 +67,14 @@ class GPT(nn.Module):
         return_hidden: bool = False,
     ) -> jax.Array:
         c = self.config
+        # Default positions are the same in every row: look the table up once ([1, T, D]) so its
+        # gradient is a sum over rows, not a scatter-add where B rows collide on each position.
+        table_positions = jnp.arange(ids.shape[1]) if positions is None else positions
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
         x = self.token_embed(ids)
         if c.position == "learned":
-            x = x + self.position_embed(positions)
+            x = x + self.position_embed(table_positions)
         elif c.position == "sinusoidal":
             x = x + jnp.take(sinusoidal_positions(c.max_len, c.d_model), positions, axis=0).astype(
                 x.dtype

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from lmflax.nn._util import DType, constrain
 from lmflax.nn.kernels import KERNELS, SegmentIds, as_mask, fused_attention
-from lmflax.nn.linear import Linear
+from lmflax.nn.linear import Linear, LinearParams, fused_linear
 from lmflax.nn.positional import apply_rope
 
 IMPLEMENTATIONS = ("xla", *KERNELS)
@@ -169,6 +169,8 @@ class MultiHeadAttention(nn.Module):
     rope_base: if set, rotary position embedding is applied to queries and keys (self-attention).
     decode=True keeps a key/value cache in the 'cache' collection: the first (init) call sizes it
     from x's length; later calls append their T new positions and attend to everything cached.
+    fused_qkv: self-attention with num_kv_heads == num_heads projects q, k and v with one
+    [D] x [3, N, H] matmul; the parameters (query/key/value) are exactly those of the default.
     """
 
     num_heads: int
@@ -182,6 +184,7 @@ class MultiHeadAttention(nn.Module):
     implementation: str | None = None
     init_std: float = 0.02
     out_init_std: float | None = None
+    fused_qkv: bool = False
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
@@ -214,10 +217,21 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
         )
         kv_in = x if context is None else context
+        param_kw = dict(
+            use_bias=self.use_bias, init_std=self.init_std, param_dtype=self.param_dtype
+        )
 
-        q = Linear((N, H), ("embed", "heads", "kv"), name="query", **dense)(x)
-        k = Linear((K, H), ("embed", "kv_heads", "kv"), name="key", **dense)(kv_in)
-        v = Linear((K, H), ("embed", "kv_heads", "kv"), name="value", **dense)(kv_in)
+        if self.fused_qkv and context is None and K == N:
+            # One [D] x [3, N, H] matmul; the parameters stay query/key/value.
+            qkv = [
+                LinearParams((N, H), ("embed", heads, "kv"), **param_kw, name=name)
+                for name, heads in (("query", "heads"), ("key", "kv_heads"), ("value", "kv_heads"))
+            ]
+            q, k, v = fused_linear(x, qkv, self.dtype)
+        else:
+            q = Linear((N, H), ("embed", "heads", "kv"), name="query", **dense)(x)
+            k = Linear((K, H), ("embed", "kv_heads", "kv"), name="key", **dense)(kv_in)
+            v = Linear((K, H), ("embed", "kv_heads", "kv"), name="value", **dense)(kv_in)
         q = constrain(q, ("batch", "length", "heads", "kv"))
         k = constrain(k, ("batch", "length", "kv_heads", "kv"))
         v = constrain(v, ("batch", "length", "kv_heads", "kv"))
