@@ -137,11 +137,15 @@ def _activation_specs() -> dict[str, Any] | None:
     outside a mesh. Keys: batch, length, heads, kv_heads, kv (each None, a name or a tuple)."""
     if jax.sharding.get_abstract_mesh().empty:
         return None
-    names = ("batch", "length", "heads", "kv_heads", "kv")
-    spec = nn.logical_to_mesh_axes(names)
-    if spec is None:
-        return dict.fromkeys(names)
-    return dict(zip(names, tuple(spec) + (None,) * (len(names) - len(spec))))
+
+    def axes(names: tuple[str, ...]) -> tuple[Any, ...]:
+        # Resolved per array: rules use each mesh axis once per array, and q and k/v differ.
+        spec = nn.logical_to_mesh_axes(names)
+        return (None,) * len(names) if spec is None else tuple(spec) + (None,) * 4
+
+    batch, length, heads, kv = axes(("batch", "length", "heads", "kv"))[:4]
+    kv_heads = axes(("batch", "length", "kv_heads", "kv"))[2]
+    return {"batch": batch, "length": length, "heads": heads, "kv_heads": kv_heads, "kv": kv}
 
 
 def _axes_size(axes: Any, mesh_shape: dict[str, int]) -> int:
@@ -514,8 +518,8 @@ def fused_attention(
         is_causal=is_causal,
         implementation=implementation,
     )
-    if choice.rejected and log.isEnabledFor(logging.DEBUG):
-        log.debug("%s; shapes q %s k %s %s", choice.explain(), q.shape, k.shape, q.dtype)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s; q %s k %s %s", choice.explain(), q.shape, k.shape, q.dtype)
     if choice.implementation == "cudnn":
         return cudnn_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal)
     if choice.implementation == "splash":
