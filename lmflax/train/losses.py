@@ -20,21 +20,28 @@ def cross_entropy(
     """Softmax cross-entropy of logits [..., V] against integer targets [...], in float32.
 
     weights [...] (default 1) scale each position; 0 excludes it. Returns (loss_sum, metrics) with
-    metrics 'loss' = (Σ w·nll, Σ w) and 'accuracy' = (Σ w·[argmax == target], Σ w).
+    metrics 'loss' = (Σ w·nll, Σ w) and 'accuracy' = (Σ w·[target's logit is the largest], Σ w)
+    (= argmax == target but for exact ties, and without another pass over the logits).
     """
     logits = logits.astype(jnp.float32)
     if weights is None:
         weights = jnp.ones(targets.shape, jnp.float32)
     weights = weights.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[
-        ..., 0
-    ]
-    nll = log_z - target_logit
-    loss_sum = jnp.sum(nll * weights)
+    log_z, target, correct = _softmax_stats(logits, targets)
+    loss_sum = jnp.sum((log_z - target) * weights)
     count = jnp.sum(weights)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
-    return loss_sum, {"loss": (loss_sum, count), "accuracy": (correct, count)}
+    return loss_sum, {"loss": (loss_sum, count), "accuracy": (jnp.sum(correct * weights), count)}
+
+
+def _softmax_stats(
+    logits32: jax.Array, targets: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """log Σ exp(logits), the target's logit, and [the target's logit is the row maximum], from
+    one max and one sum of exponentials over the vocabulary (no separate argmax pass)."""
+    m = jax.lax.stop_gradient(jnp.max(logits32, axis=-1))
+    log_z = m + jnp.log(jnp.sum(jnp.exp(logits32 - m[..., None]), axis=-1))
+    target = jnp.take_along_axis(logits32, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return log_z, target, (target >= m).astype(jnp.float32)
 
 
 def finalize(metrics: dict[str, Metric]) -> dict[str, float]:
@@ -147,10 +154,10 @@ def _ce_chunks(
         else:
             logits = fn(head, h_c)
         logits32 = logits.astype(jnp.float32)
-        log_z = jax.nn.logsumexp(logits32, axis=-1)
-        nll = log_z - jnp.take_along_axis(logits32, t_c[..., None], axis=-1)[..., 0]
+        log_z, target, hit = _softmax_stats(logits32, t_c)
+        nll = log_z - target
         loss = loss + jnp.sum(nll * w_c)
-        correct = correct + jnp.sum((jnp.argmax(logits32, axis=-1) == t_c) * w_c)
+        correct = correct + jnp.sum(hit * w_c)
         if not grads:
             return (loss, correct, dhead), None
         # d(Σ w·nll)/d logits = w · (softmax - onehot(target)), in the logits' dtype as autodiff
