@@ -72,13 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     facts = common.device_facts()
     results: dict[bool, dict[int, float]] = {}
     for scan in scans:
+        cfgs = {}
         for depth in depths:
-            cfg, name = common.load_config(
+            cfgs[depth] = common.load_config(
                 args.config,
                 [*overrides, f"model.num_layers={depth}", f"model.scan_layers={scan}"],
             )
-            runs = [compile_step(cfg) for _ in range(args.repeats)]
-            med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+        # Depths interleaved within each repeat, so drifting machine load hits them alike.
+        runs: dict[int, list[dict[str, float]]] = {d: [] for d in depths}
+        for _ in range(args.repeats):
+            for depth in depths:
+                runs[depth].append(compile_step(cfgs[depth][0]))
+        for depth in depths:
+            cfg, name = cfgs[depth]
+            med = {k: float(np.median([r[k] for r in runs[depth]])) for k in runs[depth][0]}
             results.setdefault(scan, {})[depth] = med["total_s"]
             common.emit(
                 {
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     "d_model": cfg.model.d_model,
                     "batch": cfg.data.batch_size,
                     "seq": cfg.data.seq_len,
+                    "repeats": args.repeats,
                     **med,
                 },
                 args.out,

@@ -105,7 +105,8 @@ def _local_gpu() -> tuple[bool, tuple[int, int] | None]:
         device = jax.devices("gpu")[0]
     except RuntimeError:
         return False, None
-    cuda = "cuda" in str(getattr(device.client, "platform_version", "")).lower()
+    version = str(getattr(device.client, "platform_version", "")).lower()
+    cuda = "cuda" in version or "nvidia" in device.device_kind.lower()
     cc = getattr(device, "compute_capability", None)
     if cc is None:
         return cuda, None
