@@ -24,4 +24,4 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 python3 -c "import jax, flax, lmflax.train.loop; print('jax', jax.__version__, 'flax', \
 flax.__version__, jax.devices())" 2>&1 | tail -3
 python3 -m benchmarks.side_by_side --peers_dir .peers --out_dir "$OUT" \
-  --budget_s "${BUDGET_S:-520}" "${hf[@]}" "$@"
+  --budget_s "${BUDGET_S:-520}" ${hf[@]+"${hf[@]}"} "$@"

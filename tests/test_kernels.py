@@ -65,6 +65,7 @@ def test_auto_picks_the_backends_kernel():
         (TPU, {"T": 200}, "multiples of 128"),
         (TPU, {"dtype": jnp.float16}, "dtype float16"),
         (TPU, {"dropout_rate": 0.1}, "dropout_rate=0.1"),
+        (TPU, {"is_causal": True, "T": 256, "S": 128}, "q_len 256 > kv_len 128"),
     ],
 )
 def test_falls_back_to_xla_naming_the_constraint(backend, kw, reason):

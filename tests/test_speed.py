@@ -21,48 +21,45 @@ def test_fused_qkv_keeps_parameters_and_outputs():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 32)), jnp.float32)
     plain = lnn.MultiHeadAttention(num_heads=4)
     fused = lnn.MultiHeadAttention(num_heads=4, fused_qkv=True)
-    init = lambda m: jax.jit(lambda r: m.init(r, x, deterministic=True))(jax.random.key(0))  # noqa: E731
-    p_plain, p_fused = init(plain), init(fused)
-    # Same tree, same logical axes, same initial values.
+
+    @jax.jit
+    def both(rng):
+        p_plain = plain.init(rng, x, deterministic=True)
+        p_fused = fused.init(rng, x, deterministic=True)
+        params = lnn.unbox(p_plain)
+        outs = [m.apply(params, x, is_causal=True, deterministic=True) for m in (plain, fused)]
+        return p_plain, p_fused, outs
+
+    p_plain, p_fused, (out_plain, out_fused) = both(jax.random.key(0))
+    # Same tree, same logical axes, same initial values; the same function.
     assert jax.tree.structure(p_plain) == jax.tree.structure(p_fused)
     assert nn.get_partition_spec(p_plain) == nn.get_partition_spec(p_fused)
     for a, b in zip(jax.tree.leaves(lnn.unbox(p_plain)), jax.tree.leaves(lnn.unbox(p_fused))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    params = lnn.unbox(p_plain)
-    apply = lambda m: jax.jit(  # noqa: E731
-        lambda p: m.apply(p, x, is_causal=True, deterministic=True)
-    )(params)
-    np.testing.assert_allclose(np.asarray(apply(fused)), np.asarray(apply(plain)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out_fused), np.asarray(out_plain), atol=1e-5)
 
 
-def test_default_positions_are_one_lookup_with_the_same_result():
-    """Without explicit positions the learned table is read once for all rows (its gradient is
-    a sum, not a B-way scatter-add); explicit 0..T-1 positions give the same logits."""
-    cfg = dataclasses.replace(
-        PRESETS["gpt_tiny"], num_layers=1, d_model=32, num_heads=2, d_ff=64, vocab_size=64
-    )
-    ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 8)), jnp.int32)
-    model = GPT(cfg)
-    params = jax.jit(lambda r: model.init(r, ids, deterministic=True))(jax.random.key(0))
-    params = lnn.unbox(params)
+def _row_scatters(model, ids, positions):
+    """Scatter-adds over all B·T rows (index_vector_dim 2) in the gradient of model's output."""
+    shapes = jax.eval_shape(lambda r: model.init(r, ids, deterministic=True), jax.random.key(0))
+    f = jax.grad(lambda p: model.apply(p, ids, positions=positions, deterministic=True).sum())
+    lines = jax.jit(f).lower(lnn.unbox(shapes)).as_text().splitlines()
+    return sum("stablehlo.scatter<" in s and "index_vector_dim = 2" in s for s in lines)
+
+
+def test_default_positions_are_one_lookup():
+    """Without explicit positions the learned table is read once for all rows: in the gradient
+    only the token embedding is a scatter-add over all B·T rows (the position table's is over T
+    rows); with positions given per row there are two."""
+    ids = jnp.zeros((2, 8), jnp.int32)
     explicit = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    run = lambda p, pos: model.apply(p, ids, positions=pos, deterministic=True)  # noqa: E731
-    default, given = jax.jit(lambda p: (run(p, None), run(p, explicit)))(params)
-    np.testing.assert_allclose(np.asarray(default), np.asarray(given), atol=1e-6)
-    # In the gradient, only the token embedding is a scatter-add over all B·T rows; the position
-    # table's is over T rows (index_vector_dim 1), unless positions are given per row.
-    bert = BertForMaskedLM(
-        dataclasses.replace(PRESETS["bert_tiny"], num_layers=1, d_model=32, vocab_size=64)
-    )
-    p = lnn.unbox(jax.jit(lambda r: bert.init(r, ids, deterministic=True))(jax.random.key(0)))
-
-    def row_scatters(pos):
-        f = jax.grad(lambda p: bert.apply(p, ids, positions=pos, deterministic=True).sum())
-        lines = jax.jit(f).lower(p).as_text().splitlines()
-        return sum("stablehlo.scatter<" in s and "index_vector_dim = 2" in s for s in lines)
-
-    assert row_scatters(None) == 1
-    assert row_scatters(explicit) == 2
+    small = dict(num_layers=1, d_model=32, num_heads=2, d_ff=64, vocab_size=64)
+    for model in (
+        GPT(dataclasses.replace(PRESETS["gpt_tiny"], **small)),
+        BertForMaskedLM(dataclasses.replace(PRESETS["bert_tiny"], **small)),
+    ):
+        assert _row_scatters(model, ids, None) == 1
+        assert _row_scatters(model, ids, explicit) == 2
 
 
 def test_bf16_compute_keeps_float32_master_weights_and_optimizer_state():

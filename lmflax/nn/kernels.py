@@ -232,6 +232,7 @@ def splash_problems(
     mask: Any,
     has_bias: bool,
     dropout_rate: float,
+    is_causal: bool,
     backend: Backend,
 ) -> list[str]:
     """Why the splash kernel cannot run this call (empty = it can)."""
@@ -254,6 +255,8 @@ def splash_problems(
     T, S = q.shape[1], k.shape[1]
     if T % 128 or S % 128:
         problems.append(f"q_len {T} and kv_len {S} must be multiples of 128")
+    if is_causal and T > S:
+        problems.append(f"causal attention with q_len {T} > kv_len {S} (rows with no key)")
     return problems
 
 
@@ -329,6 +332,7 @@ def choose(
                 mask=mask,
                 has_bias=bias is not None,
                 dropout_rate=dropout_rate,
+                is_causal=is_causal,
                 backend=backend,
             )
         problems += shard
