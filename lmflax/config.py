@@ -101,12 +101,21 @@ class TaskConfig:
     name: 'causal_lm' (next-token prediction, GPT) or 'mlm' (BERT masked language modelling:
     mlm_probability of the tokens are chosen; of those mask_prob become [MASK], random_prob a
     random token, the rest stay).
+
+    loss_chunk_size: 0 computes the full [B, T, V] logits; N > 0 computes the loss N positions
+    (of every row) at a time with `chunked_cross_entropy`, which never holds the full float32
+    logits and needs no recomputation in the backward pass (less memory, same values).
+    mlm_max_predictions: 0 applies the MLM output layer at every position; K > 0 gathers the (at
+    most) K chosen positions of each row first, as BERT's max_predictions_per_seq does (chosen
+    positions beyond K are left out of the loss and counted in the 'mlm_dropped' metric).
     """
 
     name: str = "causal_lm"
     mlm_probability: float = 0.15
     mask_prob: float = 0.8
     random_prob: float = 0.1
+    loss_chunk_size: int = 0
+    mlm_max_predictions: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -627,6 +636,16 @@ def validate(cfg: Config) -> Config:
     if k.mask_prob < 0 or k.random_prob < 0 or k.mask_prob + k.random_prob > 1:
         errs.append(
             f"task.mask_prob + task.random_prob must be within [0, 1], got {k.mask_prob} + {k.random_prob}"
+        )
+    for name in ("loss_chunk_size", "mlm_max_predictions"):
+        if getattr(k, name) < 0:
+            errs.append(f"task.{name} must be >= 0 (0 = off), got {getattr(k, name)}")
+    if k.mlm_max_predictions and k.name != "mlm":
+        errs.append(f"task.mlm_max_predictions is for task 'mlm', but task.name is {k.name!r}")
+    if k.mlm_max_predictions > d.seq_len:
+        errs.append(
+            f"task.mlm_max_predictions ({k.mlm_max_predictions}) is more than data.seq_len "
+            f"({d.seq_len}) positions"
         )
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

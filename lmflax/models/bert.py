@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lmflax.config import ModelConfig, register_model_config
-from lmflax.nn import Embed, Encoder, LayerNorm, LearnedPositions, Linear, padding_mask
+from lmflax.nn import Embed, Encoder, LayerNorm, LearnedPositions, Linear, SegmentIds
 from lmflax.nn._util import as_dtype, constrain
 from lmflax.nn.feedforward import _ACTIVATIONS
 
@@ -75,14 +75,17 @@ class BertModel(nn.Module):
         deterministic: bool,
     ) -> BertOutput:
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+            # The same positions in every row: one [1, T, D] lookup, whose gradient is a sum over
+            # rows rather than a scatter-add with B-way collisions.
+            positions = jnp.arange(input_ids.shape[1])
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.token_embed(input_ids) + self.position_embed(positions)
         x = x + self.type_embed(token_type_ids)
         x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
-        mask = padding_mask(attention_mask) if attention_mask is not None else None
+        # Padding as segment ids (0 = padding key) so fused attention kernels can read it.
+        mask = SegmentIds.padding(attention_mask) if attention_mask is not None else None
         hidden = self.encoder(x, mask=mask, deterministic=deterministic)
         pooled = jnp.tanh(self.pooler(hidden[:, 0])) if self.config.add_pooler else None
         return BertOutput(hidden, pooled)

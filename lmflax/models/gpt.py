@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lmflax.config import ModelConfig, register_model_config
-from lmflax.nn import Decoder, Embed, LearnedPositions, Linear, segment_mask, sinusoidal_positions
+from lmflax.nn import Decoder, Embed, LearnedPositions, Linear, SegmentIds, sinusoidal_positions
 from lmflax.nn._util import as_dtype, constrain
 
 
@@ -67,18 +67,22 @@ class GPT(nn.Module):
         return_hidden: bool = False,
     ) -> jax.Array:
         c = self.config
+        # Default positions are the same in every row: look the table up once ([1, T, D]) so its
+        # gradient is a sum over rows, not a scatter-add where B rows collide on each position.
+        table_positions = jnp.arange(ids.shape[1]) if positions is None else positions
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
         x = self.token_embed(ids)
         if c.position == "learned":
-            x = x + self.position_embed(positions)
+            x = x + self.position_embed(table_positions)
         elif c.position == "sinusoidal":
             x = x + jnp.take(sinusoidal_positions(c.max_len, c.d_model), positions, axis=0).astype(
                 x.dtype
             )
         x = self.embed_dropout(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
-        mask = segment_mask(segment_ids) if segment_ids is not None else None
+        # Segment ids stay ids (not a [B, T, T] mask) so fused attention kernels can read them.
+        mask = SegmentIds.packed(segment_ids) if segment_ids is not None else None
         x = self.decoder(
             x, mask=mask, positions=positions, deterministic=deterministic, decode=decode
         )

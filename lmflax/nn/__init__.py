@@ -29,6 +29,7 @@ from lmflax.nn.blocks import (
 )
 from lmflax.nn.embedding import Embed
 from lmflax.nn.feedforward import ACTIVATIONS, FeedForward
+from lmflax.nn.kernels import SegmentIds
 from lmflax.nn.linear import Linear
 from lmflax.nn.norms import NORMS, LayerNorm, RMSNorm, make_norm
 from lmflax.nn.positional import LearnedPositions, apply_rope, sinusoidal_positions
@@ -48,6 +49,7 @@ __all__ = [
     "Linear",
     "MultiHeadAttention",
     "RMSNorm",
+    "SegmentIds",
     "StackConfig",
     "apply_rope",
     "as_dtype",

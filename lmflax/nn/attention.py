@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from lmflax.nn._util import DType, constrain
-from lmflax.nn.linear import Linear
+from lmflax.nn.kernels import KERNELS, SegmentIds, as_mask, fused_attention
+from lmflax.nn.linear import Linear, LinearParams, fused_linear
 from lmflax.nn.positional import apply_rope
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", *KERNELS)
 
 
 def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
@@ -45,9 +46,10 @@ def segment_mask(q_segments: jax.Array, kv_segments: jax.Array | None = None) ->
     return (same & (kv_segments[:, None, :] != 0))[:, None]
 
 
-def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
-    """Logical AND of the masks that are not None (broadcasting), or None if all are None."""
-    present = [m for m in masks if m is not None]
+def combine_masks(*masks: jax.Array | SegmentIds | None) -> jax.Array | None:
+    """Logical AND of the masks that are not None (broadcasting), or None if all are None.
+    `SegmentIds` masks are materialised."""
+    present = [as_mask(m) for m in masks if m is not None]
     if not present:
         return None
     out = present[0].astype(bool)
@@ -85,6 +87,7 @@ def attention_weights(
     A row whose keys are all masked is all zeros (its output is then zero, not NaN).
     """
     _check_shapes(q, k, k)
+    mask = combine_masks(mask)
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
@@ -109,7 +112,7 @@ def dot_product_attention(
     k: jax.Array,
     v: jax.Array,
     *,
-    mask: jax.Array | None = None,
+    mask: jax.Array | SegmentIds | None = None,
     bias: jax.Array | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
@@ -118,10 +121,14 @@ def dot_product_attention(
 ) -> jax.Array:
     """softmax(QKᵀ/√d_k + bias)V with a float32 softmax. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
 
-    mask: boolean, broadcastable to [B, N, T, S], True = may attend. bias: added to the logits,
-    broadcastable to [B, N, T, S]. is_causal: also apply the causal mask (query i sees keys
-    j <= i + S - T). dropout_rate > 0 drops attention weights and needs `dropout_rng`.
-    implementation: None (the best available for the backend) or 'xla'.
+    mask: boolean, broadcastable to [B, N, T, S], True = may attend; or a `SegmentIds` (packed
+    documents, padding), which fused kernels read without materialising [B, T, S]. bias: added
+    to the logits, broadcastable to [B, N, T, S]. is_causal: also apply the causal mask (query i
+    sees keys j <= i + S - T). dropout_rate > 0 drops attention weights and needs `dropout_rng`.
+    implementation: None (the fastest path whose constraints hold: cuDNN flash attention on
+    NVIDIA GPUs, Pallas splash attention on TPUs, else XLA; see lmflax.nn.kernels), or 'xla',
+    'cudnn', 'splash' to insist (a kernel that cannot run raises ValueError saying why).
+    Query rows with no key to attend return zeros on every path.
     """
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(
@@ -130,6 +137,19 @@ def dot_product_attention(
         )
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError("dropout_rate > 0 needs a dropout_rng")
+    _check_shapes(q, k, v)
+    fused = fused_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        dropout_rate=dropout_rate,
+        is_causal=is_causal,
+        implementation=implementation,
+    )
+    if fused is not None:
+        return fused
     weights = attention_weights(q, k, mask=mask, bias=bias, is_causal=is_causal)
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
@@ -149,6 +169,8 @@ class MultiHeadAttention(nn.Module):
     rope_base: if set, rotary position embedding is applied to queries and keys (self-attention).
     decode=True keeps a key/value cache in the 'cache' collection: the first (init) call sizes it
     from x's length; later calls append their T new positions and attend to everything cached.
+    fused_qkv: self-attention with num_kv_heads == num_heads projects q, k and v with one
+    [D] x [3, N, H] matmul; the parameters (query/key/value) are exactly those of the default.
     """
 
     num_heads: int
@@ -162,6 +184,7 @@ class MultiHeadAttention(nn.Module):
     implementation: str | None = None
     init_std: float = 0.02
     out_init_std: float | None = None
+    fused_qkv: bool = False
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
@@ -194,10 +217,21 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
         )
         kv_in = x if context is None else context
+        param_kw = dict(
+            use_bias=self.use_bias, init_std=self.init_std, param_dtype=self.param_dtype
+        )
 
-        q = Linear((N, H), ("embed", "heads", "kv"), name="query", **dense)(x)
-        k = Linear((K, H), ("embed", "kv_heads", "kv"), name="key", **dense)(kv_in)
-        v = Linear((K, H), ("embed", "kv_heads", "kv"), name="value", **dense)(kv_in)
+        if self.fused_qkv and context is None and K == N:
+            # One [D] x [3, N, H] matmul; the parameters stay query/key/value.
+            qkv = [
+                LinearParams((N, H), ("embed", heads, "kv"), **param_kw, name=name)
+                for name, heads in (("query", "heads"), ("key", "kv_heads"), ("value", "kv_heads"))
+            ]
+            q, k, v = fused_linear(x, qkv, self.dtype)
+        else:
+            q = Linear((N, H), ("embed", "heads", "kv"), name="query", **dense)(x)
+            k = Linear((K, H), ("embed", "kv_heads", "kv"), name="key", **dense)(kv_in)
+            v = Linear((K, H), ("embed", "kv_heads", "kv"), name="value", **dense)(kv_in)
         q = constrain(q, ("batch", "length", "heads", "kv"))
         k = constrain(k, ("batch", "length", "kv_heads", "kv"))
         v = constrain(v, ("batch", "length", "kv_heads", "kv"))

@@ -40,6 +40,7 @@ class StackConfig:
     remat: 'none', 'full' (recompute everything), 'minimal' (keep weight matmul outputs),
     'save_dots' (keep every matmul output), or the name of any `jax.checkpoint_policies` policy.
     dtype is the compute dtype, param_dtype the storage dtype ('float32', 'bfloat16', ...).
+    fused_qkv: compute self-attention's q, k, v with one matmul (same parameters; MHA only).
     """
 
     num_layers: int = 2
@@ -61,6 +62,7 @@ class StackConfig:
     scale_residual_init: bool = False
     scan_layers: bool = False
     remat: str = "none"
+    fused_qkv: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -109,6 +111,7 @@ class _Layer(nn.Module):
             dropout_rate=c.attention_dropout_rate,
             rope_base=c.rope_base if rope else None,
             implementation=c.attention_impl,
+            fused_qkv=c.fused_qkv,
             init_std=c.init_std,
             out_init_std=self._out_std(),
             dtype=c.dtype,

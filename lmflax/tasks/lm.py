@@ -12,7 +12,23 @@ from lmflax.config import ConfigError
 from lmflax.data import pipeline
 from lmflax.models import GPT, BertConfig, BertForMaskedLM, GPTConfig
 from lmflax.tasks.base import Task
-from lmflax.train.losses import Metric, cross_entropy
+from lmflax.train.losses import Metric, chunked_cross_entropy, cross_entropy
+
+
+def _lm_loss(
+    task: Task, params: Any, hidden: jax.Array, targets: jax.Array, weights: jax.Array | None
+) -> tuple[jax.Array, dict[str, Metric]]:
+    """The loss from final hidden states [B, T, D]: through the full logits, or chunked
+    (task.loss_chunk_size) so the [B, T, V] float32 logits never exist."""
+    model = task.model
+
+    def logits_fn(p: Any, h: jax.Array) -> jax.Array:
+        return model.apply({"params": p}, h, method="logits")
+
+    chunk = task.cfg.task.loss_chunk_size
+    if chunk:
+        return chunked_cross_entropy(logits_fn, params, hidden, targets, weights, chunk_size=chunk)
+    return cross_entropy(logits_fn(params, hidden), targets, weights)
 
 
 class CausalLM(Task):
@@ -51,15 +67,18 @@ class CausalLM(Task):
     def loss(
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array, deterministic: bool
     ) -> tuple[jax.Array, dict[str, Metric]]:
-        logits = self.model.apply(
+        # positions/segment_ids/weights are optional: a batch of whole sequences (one document
+        # per row, as in benchmarks) needs no document mask.
+        hidden = self.model.apply(
             {"params": params},
             batch["inputs"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
+            positions=batch.get("positions"),
+            segment_ids=batch.get("segment_ids"),
             deterministic=deterministic,
+            return_hidden=True,
             rngs={"dropout": rng},
         )
-        return cross_entropy(logits, batch["targets"], batch["weights"])
+        return _lm_loss(self, params, hidden, batch["targets"], batch.get("weights"))
 
     def dataset(
         self,
@@ -135,14 +154,24 @@ class MaskedLM(Task):
     def loss(
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array, deterministic: bool
     ) -> tuple[jax.Array, dict[str, Metric]]:
-        logits = self.model.apply(
+        hidden = self.model.apply(
             {"params": params},
             batch["inputs"],
-            batch["attention_mask"],
+            batch.get("attention_mask"),  # optional: rows without padding need no mask
             deterministic=deterministic,
+            return_hidden=True,
             rngs={"dropout": rng},
         )
-        return cross_entropy(logits, batch["targets"], batch["weights"])
+        targets, weights = batch["targets"], batch["weights"]
+        K = self.cfg.task.mlm_max_predictions
+        if not K:
+            return _lm_loss(self, params, hidden, targets, weights)
+        # The output layer only where the loss is: the K highest-weight (= chosen) positions.
+        _, idx = jax.lax.top_k(weights.astype(jnp.float32), K)
+        take = lambda x: jnp.take_along_axis(x, idx.reshape(*idx.shape, *(1,) * (x.ndim - 2)), 1)  # noqa: E731
+        loss, metrics = _lm_loss(self, params, take(hidden), take(targets), take(weights))
+        dropped = jnp.sum(weights) - jnp.sum(take(weights))
+        return loss, {**metrics, "mlm_dropped": (dropped, jnp.ones((), jnp.float32))}
 
     def dataset(
         self,

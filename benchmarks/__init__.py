@@ -1,0 +1,1 @@
+"""Throughput, compile-time and attention benchmarks (run as modules: python -m benchmarks.X)."""
