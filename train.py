@@ -5,8 +5,12 @@
   python train.py --config=configs/bert_tiny.py --workdir=runs/bert
   python train.py --config=configs/gpt2_small.py --config.train.steps=100 --config.data.batch_size=8
 
-Rerunning with the same --workdir resumes from its newest checkpoint. Exit codes: 0 done,
-1 runtime failure (message on stderr), 2 bad config or command line.
+  python train.py --config=configs/gpt2_small.py --plan --topology=v5e:4x4   # plan, no training
+
+Rerunning with the same --workdir resumes from its newest checkpoint. Multi-host: run the same
+command on every host; a Cloud TPU slice or SLURM job is joined automatically, elsewhere pass
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I. Exit codes: 0 done,
+1 runtime failure (message on stderr), 2 bad config or command line (or a plan that does not fit).
 """
 
 from __future__ import annotations
@@ -32,6 +36,25 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="only warnings and the final summary"
     )
+    cluster = parser.add_argument_group("multi-host (jax.distributed)")
+    cluster.add_argument("--coordinator_address", default=None, help="process 0's HOST:PORT")
+    cluster.add_argument("--num_processes", type=int, default=None, help="processes in all")
+    cluster.add_argument("--process_id", type=int, default=None, help="this process, 0..N-1")
+    cluster.add_argument(
+        "--distributed",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="auto: join a detected Cloud TPU / SLURM cluster; on: always let jax detect one",
+    )
+    planner = parser.add_argument_group("planner (no training)")
+    planner.add_argument(
+        "--plan", action="store_true", help="print parameters, FLOPs, per-device memory, MFU"
+    )
+    planner.add_argument(
+        "--topology", default=None, help="plan for a TPU slice, e.g. v5e:4x4 (needs libtpu)"
+    )
+    planner.add_argument("--peak_tflops", type=float, default=None, help="per-device peak")
+    planner.add_argument("--hbm_gbps", type=float, default=None, help="per-device bandwidth")
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -71,6 +94,34 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.topology and not args.plan:
+        print("error: --topology only makes sense with --plan", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.plan:
+        from lmflax import plan
+
+        try:
+            _, report = plan.main(
+                cfg, topology=args.topology, peak_tflops=args.peak_tflops, hbm_gbps=args.hbm_gbps
+            )
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"plan for {name}:\n{report}")
+        return 0
+
+    from lmflax.parallel import distributed
+
+    try:
+        info = distributed.initialize(
+            args.coordinator_address, args.num_processes, args.process_id, mode=args.distributed
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if info["process_index"] != 0:
+        # One voice per cluster: the other processes report only warnings and errors.
+        logging.getLogger().setLevel(logging.WARNING)
 
     import tensorflow_datasets as tfds
 
@@ -88,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError, TrainingError, CheckpointIntegrityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not distributed.is_coordinator():
+        return 0
     if summary.get("preempted"):
         print(
             f"stopped by {summary['preempted']} at step {summary['final_step']} after saving a "

@@ -127,6 +127,9 @@ class DataConfig:
     'lm1b', 'c4/en', 'wikipedia/20230601.en'). tokenizer: 'bpe' (byte-level BPE) or 'wordpiece'
     trained on the training split and cached under data_dir, or a path to a tokenizer.json, or
     'hf:DIR' for a Hugging Face model directory. batch_size is global (all processes).
+    num_shards: the global batch is read as this many data shards (0 = one per process when a
+    run starts; a resumed run keeps its checkpoint's count). The data depends on it, never on the
+    process count or mesh; see lmflax.data.shards.
     """
 
     dataset: str = "lmflax_pystdlib"
@@ -141,6 +144,7 @@ class DataConfig:
     shuffle_buffer: int = 1024
     prefetch_threads: int = 1
     download: bool = False
+    num_shards: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -217,12 +221,15 @@ class MeshConfig:
     """Device mesh axes (data, fsdp, tensor); one may be -1 = all remaining devices.
 
     rules map logical axis names (used by every parameter and activation) to mesh axes.
+    memory_budget_gib: per-device memory (GiB) the compiled train step may use; a config that
+    needs more is refused before anything is allocated (0 = unchecked). See lmflax.plan.
     """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+    memory_budget_gib: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -573,6 +580,13 @@ def validate(cfg: Config) -> Config:
         errs.append(f"data.batch_size must be > 0, got {d.batch_size}")
     if d.seq_len <= 0:
         errs.append(f"data.seq_len must be > 0, got {d.seq_len}")
+    if d.num_shards < 0:
+        errs.append(f"data.num_shards must be >= 0 (0 = one per process), got {d.num_shards}")
+    elif d.num_shards and d.batch_size > 0 and d.batch_size % d.num_shards:
+        errs.append(
+            f"data.batch_size ({d.batch_size}) must be divisible by data.num_shards "
+            f"({d.num_shards})"
+        )
     elif cfg.model.position in ("learned", "sinusoidal") and d.seq_len > cfg.model.max_len:
         errs.append(
             f"data.seq_len ({d.seq_len}) is longer than the model's {cfg.model.position} "
@@ -618,6 +632,10 @@ def validate(cfg: Config) -> Config:
     for name, size in sizes.items():
         if size == 0 or size < -1:
             errs.append(f"mesh.{name} must be >= 1 or -1 (the rest), got {size}")
+    if m.memory_budget_gib < 0:
+        errs.append(
+            f"mesh.memory_budget_gib must be >= 0 (0 = unchecked), got {m.memory_budget_gib}"
+        )
     if sum(s == -1 for s in sizes.values()) > 1:
         errs.append(f"at most one mesh axis may be -1, got {sizes}")
     for rule in m.rules:

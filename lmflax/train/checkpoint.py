@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -76,8 +77,10 @@ class Checkpointer:
     """Owns an orbax CheckpointManager under `directory` (workdir/checkpoints).
 
     Each checkpoint holds items 'state' ({step, params, opt_state}), 'data' (one JSON file of
-    grain iterator state per process) and 'meta' (a small JSON dict). Retention: the newest
-    `keep` survive, plus every step divisible by `keep_every` (0 = none).
+    grain iterator state per data shard, see `lmflax.data.shards`) and 'meta' (a small JSON dict).
+    Every process of a multi-host run calls save/restore: orbax writes each array's shards from
+    the processes that hold them and restores into whatever shardings the target asks for.
+    Retention: the newest `keep` survive, plus every step divisible by `keep_every` (0 = none).
     """
 
     def __init__(
@@ -137,6 +140,10 @@ class Checkpointer:
     def check_errors(self) -> None:
         """Raises the error of an asynchronous save that failed since the last check."""
         self.manager.check_for_errors()
+
+    def data_shards(self, step: int) -> int | None:
+        """How many data shards the checkpoint at `step` holds positions for (None: no data)."""
+        return data_shard_count(self.directory / str(step) / "data")
 
     def save(
         self,
@@ -212,20 +219,63 @@ class Checkpointer:
             self.manager.close()
 
 
+class DataStateError(ValueError):
+    """A checkpoint's data-iterator state does not fit the data stream of this run."""
+
+
+def _shard_file(directory: Path, shard: int, num_shards: int) -> Path | None:
+    for name in (f"shard_{shard}-of-{num_shards}.json", f"process_{shard}-of-{num_shards}.json"):
+        # process_I-of-N.json: written by grain's handler before data shards existed; process I
+        # of N read exactly what shard I of N reads now.
+        if (directory / name).exists():
+            return directory / name
+    return None
+
+
+def data_shard_count(directory: Path) -> int | None:
+    """The number of data shards whose iterator states a checkpoint's 'data' item holds."""
+    counts = {
+        int(m.group(1))
+        for p in Path(directory).glob("*.json")
+        if (m := re.fullmatch(r"(?:shard|process)_\d+-of-(\d+)\.json", p.name))
+    }
+    if len(counts) > 1:
+        raise DataStateError(f"{directory} mixes data states of {sorted(counts)} shards")
+    return counts.pop() if counts else None
+
+
 class _DataHandler(grain.checkpoint.CheckpointHandler):
-    """grain's handler, restoring through `state_from_json` (see there for the grain bug)."""
+    """One JSON file of iterator state per data shard (`shard_S-of-N.json`), each written by
+    exactly one process (see `lmflax.data.shards`), and read back by every process that reads
+    that shard, whatever the process count now."""
+
+    def save(self, directory: Any, item: Any = None, args: Any = None) -> None:
+        snapshot = item or args.item
+        for shard, text in snapshot.states.items():
+            (Path(directory) / f"shard_{shard}-of-{snapshot.num_shards}.json").write_text(text)
 
     def restore(self, directory: Any, item: Any = None, args: Any = None) -> Any:
-        item = item or args.item
-        path = Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        if not path.exists():
-            saved = sorted(p.name for p in Path(directory).glob("process_*.json"))
-            raise ValueError(
-                f"no data-iterator state {path.name} in {directory} (it holds {saved}): the "
-                "checkpoint was written by a different number of processes"
+        batches = item or args.item
+        directory = Path(directory)
+        saved = data_shard_count(directory)
+        if saved != batches.num_shards:
+            raise DataStateError(
+                f"{directory} holds the data position of {saved} data shards but this run reads "
+                f"{batches.num_shards} (data.num_shards); set data.num_shards={saved} (or 0, "
+                "which follows the checkpoint) to resume the same data stream"
             )
-        item.set_state(state_from_json(json.loads(path.read_text())))
-        return item
+        states = {}
+        for shard in batches.shards:
+            path = _shard_file(directory, shard, saved)
+            if path is None:
+                raise DataStateError(
+                    f"no iterator state for data shard {shard} of {saved} in {directory}; "
+                    f"it holds {sorted(p.name for p in directory.glob('*.json'))}"
+                )
+            # See `state_from_json` for why the JSON lists must become tuples again.
+            states[shard] = state_from_json(json.loads(path.read_text()))
+        batches.set_state(states)
+        return batches
 
 
 @ocp.args.register_with_handler(_DataHandler, for_save=True)
@@ -241,15 +291,13 @@ class _DataRestore(ocp.args.CheckpointArgs):
 
 
 class _IteratorSnapshot:
-    """The iterator's position now. An asynchronous save may run grain's handler later, after the
-    loop has drawn more batches; handing it this frozen state keeps the saved position exact."""
+    """The shards' positions now, for the shards this process writes. An asynchronous save runs
+    the handler later, after the loop has drawn more batches; a frozen copy keeps it exact."""
 
-    def __init__(self, iterator: Any):
-        # grain's handler writes `get_state().decode()` for objects that are not its own iterators.
-        self._state = json.dumps(iterator.get_state(), indent=4).encode()
-
-    def get_state(self) -> bytes:
-        return self._state
+    def __init__(self, batches: Any):
+        states = batches.get_state()
+        self.num_shards = batches.num_shards
+        self.states = {s: json.dumps(states[s], indent=1) for s in batches.writes}
 
 
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:

@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lmflax import config as config_lib
 from lmflax.config import Config, ConfigError
+from lmflax.data import shards
 from lmflax.parallel import batch_sharding, logical_shardings, make_mesh, unbox
 from lmflax.tasks import Task, make_task
 from lmflax.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -53,13 +55,20 @@ class Trainer:
     init_rng: jax.Array
 
     @classmethod
-    def create(cls, cfg: Config, *, init: bool = True) -> Trainer:
+    def create(
+        cls, cfg: Config, *, init: bool = True, devices: Sequence[jax.Device] | None = None
+    ) -> Trainer:
         """Builds the task, mesh and train state: freshly initialised and sharded if `init`,
-        else abstract (ShapeDtypeStructs; restore a checkpoint or call `initialize`)."""
+        else abstract (ShapeDtypeStructs; restore a checkpoint or call `initialize`).
+
+        devices: the mesh's devices (default all, over every process); the planner passes the
+        devices of a TPU topology description to compile for a slice it does not have.
+        """
         config_lib.validate(cfg)
-        config_lib.validate_devices(cfg, jax.device_count())
+        devices = list(jax.devices() if devices is None else devices)
+        config_lib.validate_devices(cfg, len(devices))
         task = make_task(cfg)
-        mesh = make_mesh(cfg.mesh)
+        mesh = make_mesh(cfg.mesh, devices)
         rules = list(cfg.mesh.rules)
         tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -146,6 +155,19 @@ class Trainer:
         """The checkpoint's arrays as ShapeDtypeStructs carrying this mesh's shardings."""
         return abstract_with_shardings(self.abstract_state, self.state_shardings.arrays())
 
+    def batches(self, split: str, num_shards: int | None = None) -> shards.ShardedBatches:
+        """This process's rows of the global batches of `split`, read as `num_shards` data
+        shards (default data.num_shards, or one per process)."""
+        cfg = self.cfg
+        return shards.for_task(
+            self.task,
+            split,
+            seed=cfg.train.seed,
+            sharding=self.batch_sharding,
+            global_batch=cfg.data.batch_size,
+            num_shards=num_shards or cfg.data.num_shards or jax.process_count(),
+        )
+
 
 def _prepare_workdir(workdir: Path, cfg: Config, is_writer: bool) -> None:
     """Creates the workdir, proves it writable, and records the config. A workdir that holds a
@@ -179,18 +201,15 @@ def _prepare_workdir(workdir: Path, cfg: Config, is_writer: bool) -> None:
 
 
 def evaluate(
-    trainer: Trainer, state: TrainState, split: str, steps: int, eval_fn: Any
+    trainer: Trainer,
+    state: TrainState,
+    split: str,
+    steps: int,
+    eval_fn: Any,
+    num_shards: int | None = None,
 ) -> dict[str, float]:
     """Exact metrics over the first `steps` batches of `split` (the same batches every time)."""
-    cfg = trainer.cfg
-    ds = trainer.task.dataset(
-        split,
-        seed=cfg.train.seed,
-        batch_size=cfg.data.batch_size // jax.process_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    it = iter(ds)
+    it = trainer.batches(split, num_shards)
     total = None
     for _ in range(steps):
         m = eval_fn(state, trainer.global_batch(next(it)))
@@ -292,6 +311,7 @@ class _Loop:
         self.pending: list[tuple[int, Any]] = []  # (step, its 'skipped' flag) not yet checked
         self.skipped_total = 0
         self.last_saved: int | None = None
+        self.num_shards = 0  # the data stream's shard count, set by `run`
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -336,6 +356,8 @@ class _Loop:
             "window": _window_to_json(window),
             "window_steps": window_steps,
             "skipped_total": self.skipped_total,
+            "data_shards": self.num_shards,
+            "process_count": jax.process_count(),
         }
         try:  # orbax first waits for the previous save, so its error can surface here
             self.ckpt.save(step, state.arrays(), train_iter, meta, force=True)
@@ -394,6 +416,12 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
 
     trainer = Trainer.create(cfg, init=False)
     _check_disk(workdir, trainer.abstract_state, t.keep_checkpoints)
+    if cfg.mesh.memory_budget_gib:
+        from lmflax import plan
+
+        # Compiled ahead of time from shapes alone: a config that cannot fit stops here, before
+        # any parameter is allocated.
+        plan.check_budget(plan.make_plan(trainer), cfg.mesh.memory_budget_gib)
     task = trainer.task
     log.info(
         "tokenizer: %d tokens; model: %s", task.tokenizer.vocab_size, type(task.model).__name__
@@ -407,15 +435,8 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
         )
 
     loop = _Loop(trainer, workdir, config_name)
-    train_iter = iter(
-        task.dataset(
-            cfg.data.train_split,
-            seed=t.seed,
-            batch_size=cfg.data.batch_size // jax.process_count(),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-    )
+    loop.num_shards = _num_data_shards(cfg, loop.ckpt, loop.ckpt.latest_step())
+    train_iter = trainer.batches(cfg.data.train_split, loop.num_shards)
     failing = True
     try:
         state, meta = loop.restore_or_init(train_iter)
@@ -490,7 +511,9 @@ def _train(
                 and cfg.data.eval_split
             ):
                 loop.check_finite()
-                ev = evaluate(trainer, state, cfg.data.eval_split, t.eval_steps, eval_fn)
+                ev = evaluate(
+                    trainer, state, cfg.data.eval_split, t.eval_steps, eval_fn, loop.num_shards
+                )
                 loop.writer.write(done, ev, file="eval_metrics", prefix="eval/")
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
                 loop.save(done, state, train_iter, window, window_steps)
@@ -515,7 +538,9 @@ def _train(
                 "run already complete at step %d (train.steps=%d); nothing to do", start, t.steps
             )
         if cfg.data.eval_split:
-            ev = evaluate(trainer, state, cfg.data.eval_split, t.eval_steps, eval_fn)
+            ev = evaluate(
+                trainer, state, cfg.data.eval_split, t.eval_steps, eval_fn, loop.num_shards
+            )
             summary["eval"] = ev
             if start < t.steps:
                 loop.writer.write(t.steps, ev, file="eval_metrics", prefix="eval/")
@@ -531,6 +556,26 @@ def _sample(loop: _Loop, state: TrainState) -> str | None:
     return loop.trainer.task.sample(
         state.params, jax.random.fold_in(jax.random.key(loop.cfg.train.seed), 2)
     )
+
+
+def _num_data_shards(cfg: Config, ckpt: Checkpointer, latest: int | None) -> int:
+    """The data stream's shard count: data.num_shards, else the checkpoint's, else one per
+    process. A resumed run must read the stream its checkpoint positioned."""
+    saved = ckpt.data_shards(latest) if latest is not None else None
+    wanted = cfg.data.num_shards
+    if saved is not None and wanted and wanted != saved:
+        raise ConfigError(
+            f"the checkpoint at step {latest} in {ckpt.directory} holds the data position of "
+            f"{saved} data shards but data.num_shards={wanted}; use data.num_shards={saved} (or "
+            "0 to follow the checkpoint) to resume, or start a new --workdir"
+        )
+    count = wanted or saved or jax.process_count()
+    if cfg.data.batch_size % count:
+        raise ConfigError(
+            f"data.batch_size ({cfg.data.batch_size}) must be divisible by the {count} data "
+            "shards (data.num_shards, or the process count when it is 0)"
+        )
+    return count
 
 
 def _window_to_json(window: Any) -> dict[str, Any] | None:
