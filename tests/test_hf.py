@@ -396,6 +396,20 @@ print("ok", len(flat), "torch" in sys.modules and sys.modules["torch"] is None)
     assert proc.stdout.split() == ["ok", str(len(_flat(want))), "True"]
 
 
+def test_sharded_safetensors_load_like_one_file(tiny, tmp_path):
+    path, ref = tiny["gpt2"]
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    _, want = lmflax.from_pretrained(path)
+    _, got = lmflax.from_pretrained(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / shard).unlink()
+    with pytest.raises(FileNotFoundError, match=f"names shard {shard}"):
+        lmflax.from_pretrained(tmp_path)
+
+
 def _flat(tree, pre=()):
     out = {}
     for k, v in tree.items():

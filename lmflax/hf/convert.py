@@ -183,7 +183,6 @@ RUNTIME_FIELDS = (
     "dropout_rate",
     "attention_dropout_rate",
     "init_std",
-    "init_from",
 )
 
 
@@ -261,6 +260,11 @@ def lmflax_config(
 def describe_hf_value(family: str, field: str, hf: Mapping[str, Any], derived: Any) -> str:
     """How a HF config expresses lmflax `field` (for mismatch messages)."""
     keys = BERT_KEYS if family == "bert" else GPT2_KEYS
+    width, heads = keys["d_model"], keys["num_heads"]
+    if field == "resolved_kv_heads":
+        return f"{derived} key/value heads ({heads}={hf.get(heads)!r}; {family} has no GQA/MQA)"
+    if field == "resolved_head_dim":
+        return f"head_dim {width} / {heads} = {derived}"
     if field in keys and keys[field] in hf:
         shown = f"{keys[field]}={hf[keys[field]]!r}"
         return shown if hf[keys[field]] == derived else f"{shown} (= {derived!r})"

@@ -192,11 +192,11 @@ def model_config(path: str | Path, **overrides: Any) -> ModelConfig:
     """The lmflax model config of a HF model directory, with `init_from='hf:PATH'` so that a
     trainer built from it starts from the checkpoint's weights. overrides: as from_pretrained's
     (dtype, dropout_rate, scan_layers, ...)."""
-    bad = sorted(set(overrides) - set(convert.RUNTIME_FIELDS))
+    bad = sorted(set(overrides) - {*convert.RUNTIME_FIELDS, "init_from"})
     if bad:
         raise TypeError(
             f"model_config got {', '.join(bad)}: the checkpoint's config.json fixes them; "
-            f"accepted: {', '.join(convert.RUNTIME_FIELDS)}"
+            f"accepted: {', '.join(convert.RUNTIME_FIELDS)}, init_from"
         )
     with _Checkpoint.open(path) as ckpt:
         config = ckpt.config
@@ -240,9 +240,12 @@ def check_init_from(config: ModelConfig) -> list[str]:
             continue
         ours, want = getattr(config, field), getattr(theirs, field)
         if ours != want:
-            name = field.removeprefix("resolved_")
+            name = {"resolved_kv_heads": "num_kv_heads", "resolved_head_dim": "head_dim"}.get(
+                field, field
+            )
+            verb = "resolves to" if field.startswith("resolved_") else "is"
             errs.append(
-                f"model.{name} is {ours!r} but {directory / 'config.json'} has "
+                f"model.{name} {verb} {ours!r} but {directory / 'config.json'} has "
                 + convert.describe_hf_value(arch.family, field, hf, want)
             )
     if errs:
