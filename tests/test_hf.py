@@ -7,6 +7,7 @@ initialises and saves. Nothing is downloaded (HF_HUB_OFFLINE=1).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -408,6 +409,22 @@ def test_sharded_safetensors_load_like_one_file(tiny, tmp_path):
     (tmp_path / shard).unlink()
     with pytest.raises(FileNotFoundError, match=f"names shard {shard}"):
         lmflax.from_pretrained(tmp_path)
+
+
+def test_bfloat16_checkpoints_load_and_export(tiny, tmp_path, torch):
+    path, ref = tiny["gpt2"]
+    copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    _, want = lmflax.from_pretrained(path)
+    model, got = lmflax.from_pretrained(tmp_path / "bf16", param_dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(got)} == {jnp.dtype(jnp.bfloat16)}
+    cast = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), want)
+    jax.tree.map(np.testing.assert_array_equal, got, cast)
+    out = lmflax.save_pretrained(model.config, got, tmp_path / "out")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        assert f.get_slice("transformer.wte.weight").get_dtype() == "BF16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def _flat(tree, pre=()):
