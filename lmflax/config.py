@@ -41,6 +41,9 @@ class ModelConfig(StackConfig):
 
     position: 'learned' (a [max_len, D] table), 'sinusoidal' (the fixed table), 'rope' (rotary,
     in attention), or 'none'.
+    init_from: 'hf:DIR' starts training from the weights of a Hugging Face model directory
+    (lmflax.hf); the architecture settings must match its config.json (`model=hf:DIR` takes
+    them from it).
     """
 
     family: ClassVar[str] = ""
@@ -49,6 +52,7 @@ class ModelConfig(StackConfig):
     position: str = "learned"
     rope_fraction: float = 1.0
     tie_embeddings: bool = True
+    init_from: str | None = None
 
     def validate(self) -> list[str]:
         """Returns the problems of this model config as messages (empty = valid)."""
@@ -91,6 +95,10 @@ class ModelConfig(StackConfig):
                 f"model.rope_base={self.rope_base} is only used with model.position='rope', "
                 f"but position is {self.position!r}"
             )
+        if self.init_from is not None:
+            from lmflax.hf import check_init_from  # reads DIR/config.json
+
+            errs.extend(check_init_from(self))
         return errs
 
 
@@ -468,13 +476,20 @@ def _section_value(path: str, value: Any, tp: type) -> Any:
         return value
     if isinstance(value, Mapping):
         return from_dict(value, tp, path)
+    if isinstance(value, str) and value.startswith("hf:") and tp is ModelConfig:
+        from lmflax.hf import model_config
+
+        try:
+            return model_config(value[3:])
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}={value!r}: {e}") from None
     if isinstance(value, str) and tp is ModelConfig:
         from lmflax.models import PRESETS
 
         if value not in PRESETS:
             raise ConfigError(
                 f"{path}={value!r} is not a model preset{_suggest(value, PRESETS)}; "
-                f"accepted: {', '.join(sorted(PRESETS))}"
+                f"accepted: {', '.join(sorted(PRESETS))}, or hf:DIR (a Hugging Face model directory)"
             )
         return PRESETS[value]
     raise ConfigError(f"{path} is a section; give sub-keys ({path}.KEY=VALUE)")

@@ -83,7 +83,11 @@ def load_tokenizer(data: DataConfig, vocab_size: int, default_kind: str = "bpe")
                     tmp.replace(path)
         tokenizer = Tokenizer.from_file(path)
     elif spec.startswith("hf:"):
-        tokenizer = Tokenizer.from_file(Path(spec[3:]) / "tokenizer.json")
+        from lmflax.hf import load_tokenizer as load_hf_tokenizer
+
+        # Not the bare tokenizer.json: HF directories often save padding/truncation in it
+        # (all-MiniLM-L6-v2 pads every text to 128), and some have only vocab.txt.
+        tokenizer = load_hf_tokenizer(spec[3:]).to_lmflax()
     else:
         tokenizer = Tokenizer.from_file(spec)
     if tokenizer.vocab_size > vocab_size:

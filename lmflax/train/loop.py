@@ -112,12 +112,18 @@ class Trainer:
         return trainer
 
     def initialize(self) -> TrainState:
-        """A fresh train state, created directly in its shardings (never whole on one device)."""
+        """A fresh train state, created directly in its shardings (never whole on one device).
+
+        With `model.init_from='hf:DIR'` the parameters then take the checkpoint's values."""
         shardings = self.state_shardings.arrays()
         with self.context():
             arrays = jax.jit(lambda r: nn.meta.unbox(self.init_fn(r)), out_shardings=shardings)(
                 self.init_rng
             )
+        if self.cfg.model.init_from:
+            from lmflax.hf import init_params
+
+            arrays["params"] = init_params(self.cfg.model, arrays["params"], shardings["params"])
         return self.state.with_arrays(arrays)
 
     def context(self) -> contextlib.ExitStack:

@@ -1,0 +1,728 @@
+"""Hugging Face <-> lmflax: the supported architectures, their configs and parameter layouts.
+
+Each architecture is described once, as `Rule`s: a rule ties one or more checkpoint tensors to
+one or more lmflax parameters, with the shapes on both sides and the two transforms. Loading,
+exporting and every error message read the same rules, so the two directions cannot drift.
+
+Layouts: torch `nn.Linear` weights are [out, in] (lmflax `Linear` kernels are [in, out]);
+GPT-2's `Conv1D` weights are already [in, out]; lmflax attention kernels are q/k/v [D, N, H]
+and out [N, H, D]; GPT-2 fuses q, k and v into one `c_attn` [D, 3D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+
+from lmflax.config import ModelConfig
+from lmflax.hf.classification import BertForSequenceClassification
+from lmflax.hf.files import CheckpointError
+from lmflax.models import GPT, BertConfig, BertForMaskedLM, BertModel, GPTConfig
+
+Path_ = tuple[str, ...]
+
+# HF `hidden_act` / `activation_function` names <-> lmflax activations.
+ACT_FROM_HF = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A supported HF architecture: its family (config mapping) and head."""
+
+    name: str
+    family: str  # "bert" or "gpt2" (the HF model_type)
+    head: str  # "none", "mlm", "classifier", "lm"
+    base_prefix: str  # the base model's name prefix when a head wraps it
+
+
+ARCHITECTURES = {
+    a.name: a
+    for a in (
+        Architecture("BertModel", "bert", "none", "bert."),
+        Architecture("BertForMaskedLM", "bert", "mlm", "bert."),
+        # BERT's pretraining checkpoints (bert-base-uncased): MLM head + next-sentence head; the
+        # NSP head is not used by lmflax and is reported as unused.
+        Architecture("BertForPreTraining", "bert", "mlm", "bert."),
+        Architecture("BertForSequenceClassification", "bert", "classifier", "bert."),
+        Architecture("GPT2Model", "gpt2", "none", "transformer."),
+        Architecture("GPT2LMHeadModel", "gpt2", "lm", "transformer."),
+    )
+}
+
+
+def unsupported(what: str, source: str) -> CheckpointError:
+    return CheckpointError(
+        f"{source}: architecture {what} is not supported; supported: "
+        f"{', '.join(ARCHITECTURES)} (model_type 'bert' or 'gpt2')"
+    )
+
+
+def resolve_architecture(
+    hf: Mapping[str, Any], names: Iterable[str], requested: str | None, source: str
+) -> Architecture:
+    """The architecture to build: `requested`, else config.json's `architectures[0]`, else
+    inferred from `model_type` and the head tensors present."""
+    if requested is not None:
+        if requested not in ARCHITECTURES:
+            raise unsupported(repr(requested), "architecture=")
+        arch = ARCHITECTURES[requested]
+    else:
+        listed = hf.get("architectures") or []
+        if listed:
+            if listed[0] not in ARCHITECTURES:
+                raise unsupported(f"{listed} (model_type {hf.get('model_type')!r})", source)
+            arch = ARCHITECTURES[listed[0]]
+        else:
+            names = set(names)
+            model_type = hf.get("model_type")
+            if model_type == "bert":
+                if any(n.startswith("cls.predictions.") for n in names):
+                    arch = ARCHITECTURES["BertForMaskedLM"]
+                elif any(n.startswith("classifier.") for n in names):
+                    arch = ARCHITECTURES["BertForSequenceClassification"]
+                else:
+                    arch = ARCHITECTURES["BertModel"]
+            elif model_type == "gpt2":
+                arch = ARCHITECTURES["GPT2LMHeadModel"]
+            else:
+                raise unsupported(f"of model_type {model_type!r} (no 'architectures' key)", source)
+    if hf.get("model_type", arch.family) != arch.family:
+        raise CheckpointError(
+            f"{source}: architecture {arch.name} needs model_type {arch.family!r}, "
+            f"but config.json has model_type {hf.get('model_type')!r}"
+        )
+    return arch
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+# lmflax field -> HF key, per family (for loading and for naming mismatches).
+BERT_KEYS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "d_ff": "intermediate_size",
+    "max_len": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "norm_eps": "layer_norm_eps",
+    "activation": "hidden_act",
+}
+GPT2_KEYS = {
+    "vocab_size": "vocab_size",
+    "d_model": "n_embd",
+    "num_layers": "n_layer",
+    "num_heads": "n_head",
+    "d_ff": "n_inner",
+    "max_len": "n_positions",
+    "norm_eps": "layer_norm_epsilon",
+    "activation": "activation_function",
+    "tie_embeddings": "tie_word_embeddings",
+}
+# What the HF implementations hard-wire, as lmflax fields.
+FIXED = {
+    "bert": {
+        "norm": "layernorm",
+        "norm_position": "post",
+        "position": "learned",
+        "use_bias": True,
+        "rope_base": None,
+    },
+    "gpt2": {
+        "norm": "layernorm",
+        "norm_position": "pre",
+        "position": "learned",
+        "use_bias": True,
+        "rope_base": None,
+    },
+}
+# Fields that change shapes or numerics; a model initialised from a checkpoint must agree on
+# all of them (dropout, dtypes, scan/remat, init are free).
+ARCH_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "resolved_kv_heads",
+    "resolved_head_dim",
+    "d_ff",
+    "max_len",
+    "type_vocab_size",
+    "norm_eps",
+    "activation",
+    "tie_embeddings",
+    "norm",
+    "norm_position",
+    "position",
+    "use_bias",
+    "rope_base",
+)
+# Fields from_pretrained lets a caller override (they do not change the checkpoint's meaning).
+RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "scan_layers",
+    "remat",
+    "attention_impl",
+    "dropout_rate",
+    "attention_dropout_rate",
+    "init_std",
+)
+
+
+def _need(hf: Mapping[str, Any], key: str, source: str) -> Any:
+    if key not in hf:
+        raise CheckpointError(f"{source}: config.json has no {key!r}")
+    return hf[key]
+
+
+def _activation(hf: Mapping[str, Any], key: str, default: str, source: str) -> str:
+    name = hf.get(key, default)
+    if name not in ACT_FROM_HF:
+        raise CheckpointError(
+            f"{source}: {key}={name!r} is not supported; supported: {', '.join(ACT_FROM_HF)}"
+        )
+    return ACT_FROM_HF[name]
+
+
+def lmflax_config(
+    arch: Architecture, hf: Mapping[str, Any], names: Iterable[str], source: str
+) -> ModelConfig:
+    """The lmflax model config equivalent to a HF config.json (CheckpointError if some setting
+    has no lmflax equivalent). `names` are the checkpoint's tensor names (BERT's pooler is kept
+    only where the checkpoint has one)."""
+    if arch.family == "bert":
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError(
+                f"{source}: position_embedding_type={hf['position_embedding_type']!r} is not "
+                "supported (lmflax BERT has absolute learned positions: 'absolute')"
+            )
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise CheckpointError(
+                f"{source}: BERT as a decoder (is_decoder / add_cross_attention) is not supported"
+            )
+        has_pooler = any(n.endswith("pooler.dense.weight") for n in names)
+        return BertConfig(
+            vocab_size=_need(hf, "vocab_size", source),
+            d_model=_need(hf, "hidden_size", source),
+            num_layers=_need(hf, "num_hidden_layers", source),
+            num_heads=_need(hf, "num_attention_heads", source),
+            d_ff=_need(hf, "intermediate_size", source),
+            max_len=hf.get("max_position_embeddings", 512),
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+            activation=_activation(hf, "hidden_act", "gelu", source),
+            dropout_rate=float(hf.get("hidden_dropout_prob", 0.1)),
+            attention_dropout_rate=float(hf.get("attention_probs_dropout_prob", 0.1)),
+            init_std=float(hf.get("initializer_range", 0.02)),
+            add_pooler=has_pooler and arch.head in ("none", "classifier"),
+        )
+    for key, bad in (
+        ("scale_attn_weights", False),
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("add_cross_attention", True),
+    ):
+        if hf.get(key, not bad) == bad:
+            raise CheckpointError(f"{source}: GPT-2 with {key}={bad} is not supported")
+    d_model = _need(hf, "n_embd", source)
+    return GPTConfig(
+        vocab_size=_need(hf, "vocab_size", source),
+        d_model=d_model,
+        num_layers=_need(hf, "n_layer", source),
+        num_heads=_need(hf, "n_head", source),
+        d_ff=hf.get("n_inner") or 4 * d_model,
+        max_len=hf.get("n_positions", 1024),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        activation=_activation(hf, "activation_function", "gelu_new", source),
+        dropout_rate=float(hf.get("resid_pdrop", 0.1)),
+        attention_dropout_rate=float(hf.get("attn_pdrop", 0.1)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+
+
+def describe_hf_value(family: str, field: str, hf: Mapping[str, Any], derived: Any) -> str:
+    """How a HF config expresses lmflax `field` (for mismatch messages)."""
+    keys = BERT_KEYS if family == "bert" else GPT2_KEYS
+    width, heads = keys["d_model"], keys["num_heads"]
+    if field == "resolved_kv_heads":
+        return f"{derived} key/value heads ({heads}={hf.get(heads)!r}; {family} has no GQA/MQA)"
+    if field == "resolved_head_dim":
+        return f"head_dim {width} / {heads} = {derived}"
+    if field in keys and keys[field] in hf:
+        shown = f"{keys[field]}={hf[keys[field]]!r}"
+        return shown if hf[keys[field]] == derived else f"{shown} (= {derived!r})"
+    if field in keys:
+        return f"{keys[field]} unset (default {derived!r})"
+    return f"{derived!r} (fixed by the {family} architecture)"
+
+
+def hf_config(
+    arch: Architecture, cfg: ModelConfig, *, num_labels: int | None = None
+) -> dict[str, Any]:
+    """The config.json for exporting `cfg` as `arch`; CheckpointError names any lmflax setting
+    the HF implementation cannot express."""
+    errs = []
+    fixed = FIXED[arch.family]
+    for field, want in fixed.items():
+        if getattr(cfg, field) != want:
+            errs.append(f"model.{field}={getattr(cfg, field)!r} (HF {arch.name} needs {want!r})")
+    if cfg.resolved_kv_heads != cfg.num_heads:
+        errs.append(f"model.num_kv_heads={cfg.num_kv_heads} (HF {arch.name} has no GQA/MQA)")
+    if cfg.resolved_head_dim * cfg.num_heads != cfg.d_model:
+        errs.append(
+            f"model.head_dim={cfg.head_dim} (HF {arch.name} needs num_heads × head_dim = d_model)"
+        )
+    if cfg.activation not in ACT_TO_HF:
+        errs.append(
+            f"model.activation={cfg.activation!r} (HF accepts {', '.join(sorted(ACT_TO_HF))})"
+        )
+    if errs:
+        raise CheckpointError(f"cannot export as {arch.name}: " + "; ".join(errs))
+    if arch.family == "bert":
+        out: dict[str, Any] = {
+            "model_type": "bert",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.d_ff,
+            "hidden_act": ACT_TO_HF[cfg.activation],
+            "hidden_dropout_prob": cfg.dropout_rate,
+            "attention_probs_dropout_prob": cfg.attention_dropout_rate,
+            "max_position_embeddings": cfg.max_len,
+            "type_vocab_size": cfg.type_vocab_size,
+            "initializer_range": cfg.init_std,
+            "layer_norm_eps": cfg.norm_eps,
+            "position_embedding_type": "absolute",
+            "pad_token_id": 0,
+            "tie_word_embeddings": True,
+        }
+    else:
+        out = {
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.num_layers,
+            "n_head": cfg.num_heads,
+            "n_inner": cfg.d_ff,
+            "n_positions": cfg.max_len,
+            "activation_function": ACT_TO_HF[cfg.activation],
+            "resid_pdrop": cfg.dropout_rate,
+            "embd_pdrop": cfg.dropout_rate,
+            "attn_pdrop": cfg.attention_dropout_rate,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "initializer_range": cfg.init_std,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "bos_token_id": None,
+            "eos_token_id": None,
+        }
+    out["architectures"] = [arch.name]
+    out["dtype"] = cfg.param_dtype
+    if num_labels is not None:
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    return out
+
+
+def build_module(arch: Architecture, cfg: ModelConfig, num_labels: int | None = None) -> nn.Module:
+    """The lmflax module for `arch`."""
+    if arch.family == "gpt2":
+        return GPT(cfg)
+    if arch.head == "none":
+        return BertModel(cfg)
+    if arch.head == "mlm":
+        return BertForMaskedLM(cfg)
+    if num_labels is None:
+        raise CheckpointError(f"{arch.name} needs num_labels")
+    return BertForSequenceClassification(cfg, num_labels)
+
+
+def num_labels_of(hf: Mapping[str, Any]) -> int:
+    """HF's label count: len(id2label), else num_labels, else 2 (its default)."""
+    if hf.get("id2label"):
+        return len(hf["id2label"])
+    return int(hf.get("num_labels", 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Checkpoint tensors `hf` (shapes `hf_shapes`) <-> lmflax parameters `paths` (`shapes`)."""
+
+    hf: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    paths: tuple[Path_, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    to_lmflax: Callable[..., tuple[np.ndarray, ...]]
+    to_hf: Callable[..., tuple[np.ndarray, ...]]
+
+
+def _same(name: str, path: Path_, shape: tuple[int, ...]) -> Rule:
+    return Rule((name,), (shape,), (path,), (shape,), lambda x: (x,), lambda x: (x,))
+
+
+def _norm(name: str, path: Path_, D: int) -> list[Rule]:
+    return [
+        _same(f"{name}.weight", (*path, "scale"), (D,)),
+        _same(f"{name}.bias", (*path, "bias"), (D,)),
+    ]
+
+
+def _dense(
+    name: str,
+    path: Path_,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    *,
+    transposed: bool,
+    bias: bool = True,
+) -> list[Rule]:
+    """A dense layer. transposed=True: torch nn.Linear, weight [out, in]; False: Conv1D [in, out].
+    lmflax kernel [*in_shape, *out_shape], bias [*out_shape]."""
+    i, o = math.prod(in_shape), math.prod(out_shape)
+    kshape = (*in_shape, *out_shape)
+    if transposed:
+        w = Rule(
+            (f"{name}.weight",),
+            ((o, i),),
+            ((*path, "kernel"),),
+            (kshape,),
+            lambda w: (w.T.reshape(kshape),),
+            lambda k: (k.reshape(i, o).T,),
+        )
+    else:
+        w = Rule(
+            (f"{name}.weight",),
+            ((i, o),),
+            ((*path, "kernel"),),
+            (kshape,),
+            lambda w: (w.reshape(kshape),),
+            lambda k: (k.reshape(i, o),),
+        )
+    rules = [w]
+    if bias:
+        rules.append(
+            Rule(
+                (f"{name}.bias",),
+                ((o,),),
+                ((*path, "bias"),),
+                (out_shape,),
+                lambda b: (b.reshape(out_shape),),
+                lambda b: (b.reshape(o),),
+            )
+        )
+    return rules
+
+
+def _fused_qkv(name: str, path: Path_, D: int, N: int, H: int) -> list[Rule]:
+    """GPT-2's c_attn: Conv1D [D, 3·N·H], columns q | k | v, each head-major (n·H + h)."""
+    paths = tuple((*path, p) for p in ("query", "key", "value"))
+    return [
+        Rule(
+            (f"{name}.weight",),
+            ((D, 3 * N * H),),
+            tuple((*p, "kernel") for p in paths),
+            ((D, N, H),) * 3,
+            lambda w: tuple(np.moveaxis(w.reshape(D, 3, N, H), 1, 0)),
+            lambda q, k, v: (np.stack([q, k, v], axis=1).reshape(D, 3 * N * H),),
+        ),
+        Rule(
+            (f"{name}.bias",),
+            ((3 * N * H,),),
+            tuple((*p, "bias") for p in paths),
+            ((N, H),) * 3,
+            lambda b: tuple(b.reshape(3, N, H)),
+            lambda q, k, v: (np.stack([q, k, v]).reshape(3 * N * H),),
+        ),
+    ]
+
+
+@dataclasses.dataclass
+class Layout:
+    """Everything needed to move an architecture's weights either way."""
+
+    rules: list[Rule]
+    # Tensors a checkpoint may hold as copies of another tensor (tied weights): name -> source.
+    tied: dict[str, str]
+    # Tensors that are not parameters (buffers) or belong to heads this module does not have.
+    ignored: re.Pattern
+    heads: re.Pattern
+
+
+def _bert_layout(
+    arch: Architecture, cfg: BertConfig, prefix: str, num_labels: int | None
+) -> Layout:
+    D, N, H, F = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.d_ff
+    p = prefix
+    root: Path_ = ("bert",) if arch.head in ("mlm", "classifier") else ()
+    rules = [
+        _same(
+            f"{p}embeddings.word_embeddings.weight",
+            (*root, "token_embed", "embedding"),
+            (cfg.vocab_size, D),
+        ),
+        _same(
+            f"{p}embeddings.position_embeddings.weight",
+            (*root, "position_embed", "embedding"),
+            (cfg.max_len, D),
+        ),
+        _same(
+            f"{p}embeddings.token_type_embeddings.weight",
+            (*root, "type_embed", "embedding"),
+            (cfg.type_vocab_size, D),
+        ),
+        *_norm(f"{p}embeddings.LayerNorm", (*root, "embed_norm"), D),
+    ]
+    for i in range(cfg.num_layers):
+        h = f"{p}encoder.layer.{i}."
+        layer = (*root, "encoder", f"layers_{i}")
+        for name in ("query", "key", "value"):
+            rules += _dense(
+                h + f"attention.self.{name}",
+                (*layer, "attention", name),
+                (D,),
+                (N, H),
+                transposed=True,
+            )
+        rules += _dense(
+            h + "attention.output.dense",
+            (*layer, "attention", "out"),
+            (N, H),
+            (D,),
+            transposed=True,
+        )
+        rules += _norm(h + "attention.output.LayerNorm", (*layer, "attention_norm"), D)
+        rules += _dense(
+            h + "intermediate.dense", (*layer, "mlp", "wi"), (D,), (F,), transposed=True
+        )
+        rules += _dense(h + "output.dense", (*layer, "mlp", "wo"), (F,), (D,), transposed=True)
+        rules += _norm(h + "output.LayerNorm", (*layer, "mlp_norm"), D)
+    if arch.head == "classifier" or (arch.head == "none" and cfg.add_pooler):
+        rules += _dense(f"{p}pooler.dense", (*root, "pooler"), (D,), (D,), transposed=True)
+    tied = {}
+    if arch.head == "mlm":
+        rules += _dense(
+            "cls.predictions.transform.dense", ("transform",), (D,), (D,), transposed=True
+        )
+        rules += _norm("cls.predictions.transform.LayerNorm", ("transform_norm",), D)
+        rules.append(_same("cls.predictions.bias", ("decoder_bias",), (cfg.vocab_size,)))
+        tied = {
+            "cls.predictions.decoder.weight": f"{p}embeddings.word_embeddings.weight",
+            "cls.predictions.decoder.bias": "cls.predictions.bias",
+        }
+    if arch.head == "classifier":
+        rules += _dense("classifier", ("classifier",), (D,), (num_labels,), transposed=True)
+    return Layout(
+        rules,
+        tied,
+        ignored=re.compile(r"^(bert\.)?embeddings\.(position_ids|token_type_ids)$"),
+        heads=re.compile(r"^(cls\.|classifier\.|(bert\.)?pooler\.)"),
+    )
+
+
+def _gpt2_layout(cfg: GPTConfig, prefix: str) -> Layout:
+    D, N, H, F = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.d_ff
+    p = prefix
+    rules = [
+        _same(f"{p}wte.weight", ("token_embed", "embedding"), (cfg.vocab_size, D)),
+        _same(f"{p}wpe.weight", ("position_embed", "embedding"), (cfg.max_len, D)),
+    ]
+    for i in range(cfg.num_layers):
+        h = f"{p}h.{i}."
+        layer = ("decoder", f"layers_{i}")
+        rules += _norm(h + "ln_1", (*layer, "attention_norm"), D)
+        rules += _fused_qkv(h + "attn.c_attn", (*layer, "attention"), D, N, H)
+        rules += _dense(
+            h + "attn.c_proj", (*layer, "attention", "out"), (N, H), (D,), transposed=False
+        )
+        rules += _norm(h + "ln_2", (*layer, "mlp_norm"), D)
+        rules += _dense(h + "mlp.c_fc", (*layer, "mlp", "wi"), (D,), (F,), transposed=False)
+        rules += _dense(h + "mlp.c_proj", (*layer, "mlp", "wo"), (F,), (D,), transposed=False)
+    rules += _norm(f"{p}ln_f", ("decoder", "final_norm"), D)
+    tied = {}
+    if cfg.tie_embeddings:
+        tied["lm_head.weight"] = f"{p}wte.weight"
+    else:
+        rules += _dense(
+            "lm_head", ("lm_head",), (D,), (cfg.vocab_size,), transposed=True, bias=False
+        )
+    return Layout(
+        rules,
+        tied,
+        # The causal-mask buffers older GPT-2 checkpoints carry.
+        ignored=re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$"),
+        heads=re.compile(r"^(lm_head\.|score\.|multiple_choice_head\.)"),
+    )
+
+
+def layout(
+    arch: Architecture, cfg: ModelConfig, prefix: str, num_labels: int | None = None
+) -> Layout:
+    """The rules of `arch` with backbone tensor names starting with `prefix` ('' or e.g. 'bert.')."""
+    if arch.family == "bert":
+        return _bert_layout(arch, cfg, prefix, num_labels)
+    return _gpt2_layout(cfg, prefix)
+
+
+def checkpoint_prefix(arch: Architecture, names: Iterable[str]) -> str:
+    """Whether the checkpoint's backbone tensors carry the base-model prefix ('bert.',
+    'transformer.'): a head model's checkpoint does, a base model's does not."""
+    anchor = "embeddings." if arch.family == "bert" else "wte."
+    return arch.base_prefix if any(n.startswith(arch.base_prefix + anchor) for n in names) else ""
+
+
+def normalize_name(name: str) -> str:
+    """Old BERT checkpoints name LayerNorm parameters gamma/beta (TF heritage)."""
+    if ".LayerNorm." in name or name.startswith("LayerNorm."):
+        name = re.sub(r"\.gamma$", ".weight", name)
+        name = re.sub(r"\.beta$", ".bias", name)
+    return name
+
+
+def fmt_path(path: Path_) -> str:
+    return "/".join(path)
+
+
+def tensors_to_params(
+    lay: Layout,
+    shape_of: Callable[[str], tuple[int, ...]],
+    read: Callable[[str], np.ndarray],
+    names: Iterable[str],
+    *,
+    where: Callable[[str], str],
+    strict: bool,
+) -> tuple[dict[Path_, np.ndarray], list[str]]:
+    """Reads the checkpoint through the rules: {lmflax path: array} and the checkpoint tensors
+    left unused (heads this module lacks). Every missing tensor, wrong shape, or (if strict)
+    unknown tensor is reported at once in a CheckpointError."""
+    original = {normalize_name(n): n for n in names}
+    errs: list[str] = []
+    used: set[str] = set()
+    out: dict[Path_, np.ndarray] = {}
+    for rule in lay.rules:
+        ok = True
+        for name, want in zip(rule.hf, rule.hf_shapes):
+            if name not in original:
+                errs.append(
+                    f"tensor {name!r} (for lmflax parameter "
+                    f"{', '.join(fmt_path(p) for p in rule.paths)}) is missing"
+                )
+                ok = False
+                continue
+            got = tuple(shape_of(original[name]))
+            if got != want:
+                errs.append(
+                    f"{where(original[name])}: tensor {name!r} has shape {got}, but the config "
+                    f"implies {want} (lmflax parameter "
+                    + ", ".join(f"{fmt_path(p)} {s}" for p, s in zip(rule.paths, rule.shapes))
+                    + ")"
+                )
+                ok = False
+        used.update(rule.hf)
+        if not ok:
+            continue
+        arrays = rule.to_lmflax(*(read(original[n]) for n in rule.hf))
+        for path, arr, shape in zip(rule.paths, arrays, rule.shapes):
+            out[path] = np.asarray(arr).reshape(shape)
+    for name, target in lay.tied.items():
+        if name in original and target in original and not errs:
+            a, b = read(original[name]), read(original[target])
+            if a.shape != b.shape or not np.array_equal(a, b):
+                errs.append(
+                    f"{where(original[name])}: {name!r} is not a copy of {target!r}; lmflax ties "
+                    "these weights (an untied output layer is not supported for this model)"
+                )
+        used.add(name)
+    unused, unknown = [], []
+    for name in original:
+        if name in used or lay.ignored.match(name):
+            continue
+        (unused if lay.heads.match(name) else unknown).append(name)
+    if unknown and strict:
+        errs.append(
+            f"{len(unknown)} tensors match no parameter of this architecture: "
+            + ", ".join(repr(n) for n in unknown[:8])
+            + (" ..." if len(unknown) > 8 else "")
+        )
+    if errs:
+        raise CheckpointError(
+            "; ".join(errs[:12]) + (f"; ... ({len(errs)} problems)" if len(errs) > 12 else "")
+        )
+    return out, unused + unknown
+
+
+def params_to_tensors(
+    lay: Layout, flat: Mapping[Path_, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
+    """lmflax parameters {path: array} -> checkpoint tensors, through the rules. Every lmflax
+    parameter must be consumed: one the architecture cannot hold is an error."""
+    errs = []
+    out: dict[str, np.ndarray] = {}
+    used = set()
+    for rule in lay.rules:
+        missing = [fmt_path(p) for p in rule.paths if p not in flat]
+        if missing:
+            errs.append(f"parameter {', '.join(missing)} is missing")
+            continue
+        bad = [
+            f"{fmt_path(p)} has shape {tuple(flat[p].shape)} but the config implies {s}"
+            for p, s in zip(rule.paths, rule.shapes)
+            if tuple(flat[p].shape) != s
+        ]
+        if bad:
+            errs.extend(bad)
+            continue
+        used.update(rule.paths)
+        for name, arr, shape in zip(
+            rule.hf, rule.to_hf(*(flat[p] for p in rule.paths)), rule.hf_shapes
+        ):
+            out[name] = np.ascontiguousarray(np.asarray(arr).reshape(shape))
+    extra = [fmt_path(p) for p in flat if p not in used]
+    if extra:
+        errs.append(f"parameters with no place in the checkpoint: {', '.join(extra)}")
+    if errs:
+        raise CheckpointError(f"{what}: " + "; ".join(errs))
+    return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: Path_ = ()) -> dict[Path_, Any]:
+    out: dict[Path_, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, (*prefix, str(k))))
+        else:
+            out[(*prefix, str(k))] = v
+    return out
+
+
+def unflatten(flat: Mapping[Path_, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out

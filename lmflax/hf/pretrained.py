@@ -1,0 +1,428 @@
+"""from_pretrained / save_pretrained / init_from: Hugging Face model directories <-> lmflax."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmflax.config import ModelConfig
+from lmflax.hf import convert
+from lmflax.hf.convert import ARCHITECTURES, Architecture
+from lmflax.hf.files import (
+    CheckpointError,
+    WeightSource,
+    find_weights,
+    model_dir,
+    read_config,
+    write_json,
+    write_safetensors,
+)
+from lmflax.hf.tokenizer import HFTokenizer
+from lmflax.nn import unbox, unstack_layers
+from lmflax.nn._util import as_dtype
+
+log = logging.getLogger("lmflax")
+
+HF_SCHEME = "hf:"
+
+
+@dataclasses.dataclass
+class _Checkpoint:
+    """A model directory opened for reading: config, architecture, lmflax config, tensors."""
+
+    directory: Path
+    hf: dict[str, Any]
+    source: WeightSource
+    arch: Architecture
+    config: ModelConfig
+    prefix: str
+    num_labels: int | None
+
+    def __enter__(self) -> _Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.source.close()
+
+    @classmethod
+    def open(cls, path: str | Path, architecture: str | None = None) -> _Checkpoint:
+        directory = model_dir(path)
+        hf = read_config(directory)
+        source = WeightSource(find_weights(directory))
+        try:
+            where = str(directory / "config.json")
+            arch = convert.resolve_architecture(hf, source, architecture, where)
+            config = convert.lmflax_config(arch, hf, source, where)
+            labels = convert.num_labels_of(hf) if arch.head == "classifier" else None
+            prefix = convert.checkpoint_prefix(arch, source)
+        except BaseException:
+            source.close()
+            raise
+        return cls(directory, hf, source, arch, config, prefix, labels)
+
+    def layout(self, config: ModelConfig) -> convert.Layout:
+        return convert.layout(self.arch, config, self.prefix, self.num_labels)
+
+    def read(self, config: ModelConfig, *, strict: bool) -> tuple[dict, list[str]]:
+        """{lmflax path: np array} in the unrolled layout, and the unused tensor names."""
+        return convert.tensors_to_params(
+            self.layout(config),
+            self.source.shape,
+            self.source.__getitem__,
+            list(self.source),
+            where=lambda n: str(self.source.file_of(n)),
+            strict=strict,
+        )
+
+
+def _dummy_ids() -> jax.Array:
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+def abstract_params(module: nn.Module) -> dict[str, Any]:
+    """The module's parameter tree as ShapeDtypeStructs (nothing allocated)."""
+    variables = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), _dummy_ids(), deterministic=True)
+    )
+    return unbox(variables)["params"]
+
+
+def _check_tree(
+    got: Mapping[convert.Path_, Any], want: Mapping[convert.Path_, Any], what: str
+) -> None:
+    missing = [convert.fmt_path(p) for p in want if p not in got]
+    extra = [convert.fmt_path(p) for p in got if p not in want]
+    shapes = [
+        f"{convert.fmt_path(p)}: checkpoint gives {tuple(got[p].shape)}, model expects "
+        f"{tuple(want[p].shape)}"
+        for p in want
+        if p in got and tuple(got[p].shape) != tuple(want[p].shape)
+    ]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing parameters: {', '.join(missing)}")
+        if extra:
+            parts.append(f"unexpected parameters: {', '.join(extra)}")
+        parts += shapes
+        raise CheckpointError(f"{what}: " + "; ".join(parts))
+
+
+def _maybe_stack(flat: dict, config: ModelConfig) -> dict:
+    """Unrolled layer params -> the scanned layout (`stack_layers`'s, in NumPy: no device
+    work per shape) when the config scans its layers."""
+    if not config.scan_layers:
+        return flat
+    groups: dict[convert.Path_, dict[int, Any]] = {}
+    out = {}
+    for path, value in flat.items():
+        at = [i for i, k in enumerate(path) if _LAYER.match(k)]
+        if not at:
+            out[path] = value
+            continue
+        i = at[0]
+        key = (*path[:i], "layers", *path[i + 1 :])
+        groups.setdefault(key, {})[int(path[i].removeprefix("layers_"))] = value
+    for key, layers in groups.items():
+        out[key] = np.stack([np.asarray(layers[i]) for i in range(len(layers))])
+    return out
+
+
+_LAYER = re.compile(r"^layers_\d+$")
+
+
+def from_pretrained(
+    path: str | Path,
+    *,
+    architecture: str | None = None,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    **overrides: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Loads a local Hugging Face model directory as an lmflax module and its parameters.
+
+    path: a directory with config.json and model.safetensors (or a sharded index, or
+    pytorch_model.bin, read without torch). architecture: override config.json's
+    `architectures[0]` (e.g. 'BertModel' to take only the encoder of a BertForMaskedLM).
+    dtype / param_dtype: compute and storage dtypes. overrides: other settings that do not
+    change the checkpoint's meaning: scan_layers, remat, attention_impl, dropout_rate,
+    attention_dropout_rate, init_std.
+
+    Returns (module, params): `module.apply({"params": params}, input_ids, ...,
+    deterministic=True)` gives a BertOutput (BertModel), MLM logits [B, T, V]
+    (BertForMaskedLM), class logits [B, C] (BertForSequenceClassification) or LM logits
+    [B, T, V] (GPT). Raises FileNotFoundError for a missing directory/file and CheckpointError
+    for an unsupported architecture or a tensor whose shape the config does not imply.
+    """
+    bad = sorted(set(overrides) - set(convert.RUNTIME_FIELDS))
+    if bad:
+        raise TypeError(
+            f"from_pretrained got {', '.join(bad)}: the checkpoint's config.json fixes them; "
+            f"accepted overrides: dtype, param_dtype, {', '.join(convert.RUNTIME_FIELDS[2:])}"
+        )
+    with _Checkpoint.open(path, architecture) as ckpt:
+        config = dataclasses.replace(ckpt.config, dtype=dtype, param_dtype=param_dtype, **overrides)
+        errs = config.validate()
+        if errs:
+            raise CheckpointError(f"{ckpt.directory}: " + "; ".join(errs))
+        module = convert.build_module(ckpt.arch, config, ckpt.num_labels)
+        flat, unused = ckpt.read(config, strict=True)
+    if unused:
+        log.info(
+            "%s: tensors not used by %s: %s", ckpt.directory, ckpt.arch.name, ", ".join(unused)
+        )
+    flat = _maybe_stack(flat, config)
+    want = convert.flatten(abstract_params(module))
+    _check_tree(flat, want, str(ckpt.directory))
+    pdt = as_dtype(param_dtype)
+    params = convert.unflatten({p: jnp.asarray(np.asarray(flat[p], dtype=pdt)) for p in want})
+    return module, params
+
+
+def model_config(path: str | Path, **overrides: Any) -> ModelConfig:
+    """The lmflax model config of a HF model directory, with `init_from='hf:PATH'` so that a
+    trainer built from it starts from the checkpoint's weights. overrides: as from_pretrained's
+    (dtype, dropout_rate, scan_layers, ...)."""
+    bad = sorted(set(overrides) - {*convert.RUNTIME_FIELDS, "init_from"})
+    if bad:
+        raise TypeError(
+            f"model_config got {', '.join(bad)}: the checkpoint's config.json fixes them; "
+            f"accepted: {', '.join(convert.RUNTIME_FIELDS)}, init_from"
+        )
+    with _Checkpoint.open(path) as ckpt:
+        config = ckpt.config
+    overrides.setdefault("init_from", f"{HF_SCHEME}{Path(path).expanduser().resolve()}")
+    return dataclasses.replace(config, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# init_from: starting a training run from a HF checkpoint
+
+
+def parse_init_from(spec: str) -> Path:
+    """'hf:DIR' -> DIR (ValueError naming the accepted form otherwise)."""
+    if not isinstance(spec, str) or not spec.startswith(HF_SCHEME) or len(spec) == len(HF_SCHEME):
+        raise ValueError(
+            f"model.init_from is {spec!r}; accepted: 'hf:DIR' with DIR a Hugging Face model "
+            "directory (config.json + model.safetensors or pytorch_model.bin)"
+        )
+    return Path(spec[len(HF_SCHEME) :]).expanduser()
+
+
+def check_init_from(config: ModelConfig) -> list[str]:
+    """Why `config` cannot start from the checkpoint its init_from names (empty = it can):
+    missing files, an unsupported architecture, or architecture settings that differ from the
+    checkpoint's config.json (each named with both values)."""
+    try:
+        directory = parse_init_from(config.init_from)
+        with _Checkpoint.open(directory) as ckpt:
+            theirs, arch, hf = ckpt.config, ckpt.arch, ckpt.hf
+    except (OSError, ValueError) as e:
+        return [f"model.init_from: {e}"]
+    family = {"bert": "bert", "gpt2": "gpt"}[arch.family]
+    if config.family != family:
+        return [
+            f"model.init_from: {directory} holds a {arch.name} (lmflax family {family!r}), but "
+            f"the model family is {config.family!r}; use --config.model=hf:{directory}"
+        ]
+    errs = []
+    for field in convert.ARCH_FIELDS:
+        if not hasattr(theirs, field):
+            continue
+        ours, want = getattr(config, field), getattr(theirs, field)
+        if ours != want:
+            name = {"resolved_kv_heads": "num_kv_heads", "resolved_head_dim": "head_dim"}.get(
+                field, field
+            )
+            verb = "resolves to" if field.startswith("resolved_") else "is"
+            errs.append(
+                f"model.{name} {verb} {ours!r} but {directory / 'config.json'} has "
+                + convert.describe_hf_value(arch.family, field, hf, want)
+            )
+    if errs:
+        errs.append(
+            f"(--config.model=hf:{directory} takes the whole model config from the checkpoint)"
+        )
+    return errs
+
+
+def init_params(config: ModelConfig, params: Any, shardings: Any = None) -> Any:
+    """`params` (a freshly initialised tree of the model being trained) with every parameter the
+    checkpoint `config.init_from` has replaced by the checkpoint's value.
+
+    The checkpoint's backbone (the subtree holding `token_embed`) goes into the model's
+    backbone wherever it sits (`bert/...` under a head or at the root); head parameters load
+    where names and shapes match (an MLM head into an MLM model). Parameters the checkpoint
+    lacks (a new task head) keep their fresh values; both lists are logged. shardings: the
+    parameters' shardings (a matching tree) to place the loaded values on.
+    """
+    directory = parse_init_from(config.init_from)
+    errs = check_init_from(config)
+    if errs:
+        from lmflax.config import ConfigError
+
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+    target = convert.flatten(params)
+    with _Checkpoint.open(directory) as ckpt:
+        read_config = dataclasses.replace(ckpt.config, scan_layers=False)
+        flat, unused = ckpt.read(read_config, strict=True)
+    flat = _maybe_stack(flat, config)
+    src_root = _backbone_root(flat)
+    dst_root = _backbone_root(target)
+    mapped: dict[convert.Path_, convert.Path_] = {}
+    for path in flat:
+        if path[: len(src_root)] == src_root and (len(src_root) or path[0] in _BACKBONE_KEYS):
+            mapped[path] = (*dst_root, *path[len(src_root) :])
+        else:
+            mapped[path] = path
+    loaded, errs = [], []
+    new = dict(target)
+    for src, dst in mapped.items():
+        if dst not in target:
+            unused.append(convert.fmt_path(src))
+            continue
+        want = tuple(target[dst].shape)
+        if tuple(flat[src].shape) != want:
+            errs.append(
+                f"parameter {convert.fmt_path(dst)}: checkpoint {directory} gives shape "
+                f"{tuple(flat[src].shape)}, the model has {want}"
+            )
+            continue
+        new[dst] = _place(flat[src], target[dst], _lookup(shardings, dst))
+        loaded.append(dst)
+    if errs:
+        raise CheckpointError("; ".join(errs))
+    fresh = [convert.fmt_path(p) for p in target if p not in set(loaded)]
+    log.info(
+        "init_from %s: loaded %d of %d parameters%s%s",
+        directory,
+        len(loaded),
+        len(target),
+        f"; freshly initialised (not in the checkpoint): {', '.join(fresh)}" if fresh else "",
+        f"; unused checkpoint tensors: {', '.join(unused)}" if unused else "",
+    )
+    return convert.unflatten(new)
+
+
+# A backbone's own top-level parameter groups (BERT and GPT alike have token_embed).
+_BACKBONE_KEYS = {
+    "token_embed",
+    "position_embed",
+    "type_embed",
+    "embed_norm",
+    "encoder",
+    "decoder",
+    "pooler",
+}
+
+
+def _backbone_root(flat: Mapping[convert.Path_, Any]) -> convert.Path_:
+    for path in flat:
+        if path[-2:] == ("token_embed", "embedding"):
+            return path[:-2]
+    raise CheckpointError("no token embedding (token_embed/embedding) among the parameters")
+
+
+def _lookup(tree: Any, path: convert.Path_) -> Any:
+    if tree is None:
+        return None
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _place(value: np.ndarray, like: Any, sharding: Any) -> jax.Array:
+    value = np.asarray(value, dtype=like.dtype)
+    if sharding is None:
+        return jnp.asarray(value)
+    # Every process reads the whole checkpoint; each device takes its own slice of it.
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def _plain_params(params: Any) -> dict[str, Any]:
+    params = unbox(params)
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a nested dict of arrays, got {type(params).__name__}")
+    params = jax.device_get(params)
+    if any("layers" in path for path in convert.flatten(params)):
+        params = unstack_layers(params)
+    return params
+
+
+def _architecture_of(config: ModelConfig, flat: Mapping[convert.Path_, Any]) -> Architecture:
+    if config.family == "gpt":
+        return ARCHITECTURES["GPT2LMHeadModel"]
+    if config.family != "bert":
+        raise CheckpointError(f"cannot export model family {config.family!r}; supported: bert, gpt")
+    roots = {p[0] for p in flat}
+    if "classifier" in roots:
+        return ARCHITECTURES["BertForSequenceClassification"]
+    if "transform" in roots or "decoder_bias" in roots:
+        return ARCHITECTURES["BertForMaskedLM"]
+    return ARCHITECTURES["BertModel"]
+
+
+def save_pretrained(
+    model_config: ModelConfig,
+    params: Any,
+    path: str | Path,
+    *,
+    tokenizer: HFTokenizer | None = None,
+    architecture: str | None = None,
+) -> Path:
+    """Writes a Hugging Face model directory: config.json, model.safetensors and, with
+    `tokenizer`, its files. `transformers` loads it (AutoModel*.from_pretrained) and computes
+    the same outputs as lmflax.
+
+    params: the model's parameters (plain or boxed, `{"params": ...}` or the inner tree,
+    scanned or unrolled). The architecture follows from the config family and the parameters
+    (BertModel, BertForMaskedLM, BertForSequenceClassification, GPT2LMHeadModel) unless given.
+    """
+    flat = convert.flatten(_plain_params(params))
+    if architecture is not None:
+        if architecture not in ARCHITECTURES:
+            raise convert.unsupported(repr(architecture), "save_pretrained")
+        arch = ARCHITECTURES[architecture]
+    else:
+        arch = _architecture_of(model_config, flat)
+    num_labels = None
+    if arch.head == "classifier":
+        if ("classifier", "kernel") not in flat:
+            raise CheckpointError(f"{arch.name} needs a classifier/kernel parameter")
+        num_labels = int(flat[("classifier", "kernel")].shape[-1])
+    config = dataclasses.replace(model_config, scan_layers=False)
+    if arch.family == "bert":
+        config = dataclasses.replace(
+            config, add_pooler=any(p[-2:] == ("pooler", "kernel") for p in flat)
+        )
+    hf = convert.hf_config(arch, config, num_labels=num_labels)
+    prefix = arch.base_prefix if arch.head != "none" else ""
+    lay = convert.layout(arch, config, prefix, num_labels)
+    tensors = convert.params_to_tensors(lay, flat, f"cannot export as {arch.name}")
+    out = Path(path).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save(out)
+        # The model config names the special tokens' ids as the tokenizer has them.
+        for key in ("pad_token", "bos_token", "eos_token"):
+            token_id = tokenizer.token_id(key)
+            if token_id is not None:
+                hf[f"{key}_id"] = token_id
+    write_json(out / "config.json", hf)
+    write_safetensors(out / "model.safetensors", tensors)
+    return out
