@@ -4,6 +4,7 @@
   python train.py                                   # tiny GPT on the embedded corpus
   python train.py --config=configs/bert_tiny.py --workdir=runs/bert
   python train.py --config=configs/gpt2_small.py --config.train.steps=100 --config.data.batch_size=8
+  python train.py --workdir=runs/sst2 --eval_only     # evaluate its newest checkpoint
 
 Rerunning with the same --workdir resumes from its newest checkpoint. Exit codes: 0 done,
 1 runtime failure (message on stderr), 2 bad config or command line.
@@ -31,6 +32,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="only warnings and the final summary"
+    )
+    parser.add_argument(
+        "--eval_only",
+        action="store_true",
+        help="evaluate the workdir's newest checkpoint (or the initial parameters) on "
+        "data.eval_split and print a metrics table; the config defaults to workdir/config.json",
     )
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
@@ -62,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax", "orbax", "tensorflow_datasets", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    if args.eval_only:
+        from lmflax.train import evaluation
+
+        return evaluation.main(args.config, args.workdir, overrides)
 
     from lmflax.config import ConfigError, apply_overrides, load_config_file, validate
 

@@ -101,12 +101,23 @@ class TaskConfig:
     name: 'causal_lm' (next-token prediction, GPT) or 'mlm' (BERT masked language modelling:
     mlm_probability of the tokens are chosen; of those mask_prob become [MASK], random_prob a
     random token, the rest stay).
+
+    Fine-tuning (lmflax.tasks.classification / tagging / qa): num_labels is the head's output
+    size and must equal the dataset's classes (or BIO tags); pooling is 'pooled' or 'first'
+    ([CLS]) or 'mean' for BERT, 'last' (last real token) or 'mean' for GPT, 'auto' = pooled /
+    last. QA: questions are cut to max_query_len tokens, contexts split into windows starting
+    doc_stride tokens apart, answers at most max_answer_len tokens long.
     """
 
     name: str = "causal_lm"
     mlm_probability: float = 0.15
     mask_prob: float = 0.8
     random_prob: float = 0.1
+    num_labels: int = 2
+    pooling: str = "auto"
+    max_query_len: int = 64
+    doc_stride: int = 128
+    max_answer_len: int = 30
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,7 @@ from lmflax import config as config_lib
 from lmflax.config import Config, ConfigError
 from lmflax.parallel import batch_sharding, logical_shardings, make_mesh, unbox
 from lmflax.tasks import Task, make_task
+from lmflax.tasks.finetune import FinetuneTask
 from lmflax.train.checkpoint import Checkpointer, abstract_with_shardings
 from lmflax.train.losses import finalize
 from lmflax.train.metrics import MetricWriter, Progress
@@ -179,7 +180,14 @@ def _prepare_workdir(workdir: Path, cfg: Config, is_writer: bool) -> None:
 def evaluate(
     trainer: Trainer, state: TrainState, split: str, steps: int, eval_fn: Any
 ) -> dict[str, float]:
-    """Exact metrics over the first `steps` batches of `split` (the same batches every time)."""
+    """Exact metrics over the first `steps` batches of `split` (the same batches every time).
+
+    Fine-tuning tasks evaluate the split once (at most `steps` batches) with their own metrics
+    (lmflax.train.evaluation)."""
+    if isinstance(trainer.task, FinetuneTask):
+        from lmflax.train.evaluation import evaluate_finetune
+
+        return evaluate_finetune(trainer, state, split, steps)
     cfg = trainer.cfg
     ds = trainer.task.dataset(
         split,
