@@ -39,6 +39,11 @@ def _sum_over_processes(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+@jax.jit
+def _add(a: Any, b: Any) -> Any:
+    return jax.tree.map(jnp.add, a, b)
+
+
 def _eval_outputs_fn(trainer: Any) -> Any:
     """task.eval_outputs jitted with the trainer's shardings: params as trained, batch over the
     batch axes; sums replicated, predictions sharded like the batch. Built once per trainer."""
@@ -79,12 +84,11 @@ def evaluate_finetune(
     batch_spec = trainer.batch_sharding.spec
     collector = task.collector()
     sums = None
-    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
     for b in range(batches):
         chunk = rows[b * per_process : (b + 1) * per_process]
         batch = trainer.global_batch(task.collate(chunk, per_process))
         device_sums, predictions = fn(state.params, batch)
-        sums = device_sums if sums is None else add(sums, device_sums)
+        sums = device_sums if sums is None else _add(sums, device_sums)
         local = multihost_utils.global_array_to_host_local_array(
             predictions, trainer.mesh, batch_spec
         )
@@ -171,8 +175,11 @@ def main(
 ) -> int:
     """`train.py --eval_only`: prints the metrics table (and one JSON line) to stdout. Exit
     codes as train.py's: 0, 1 runtime failure, 2 bad config."""
+    import tensorflow_datasets as tfds
+
     from lmflax.data.sources import DataError
 
+    tfds.disable_progress_bar()
     out = stream or sys.stdout
     try:
         cfg, name = load_config(config_spec, workdir, overrides)
@@ -184,7 +191,8 @@ def main(
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    title = f"{cfg.task.name} on {cfg.data.dataset} [{cfg.data.eval_split}]: {source}"
-    print(format_table(values, title), file=out)
-    print(json.dumps({"eval": values, "source": source}), file=out)
+    if jax.process_index() == 0:
+        title = f"{cfg.task.name} on {cfg.data.dataset} [{cfg.data.eval_split}]: {source}"
+        print(format_table(values, title), file=out)
+        print(json.dumps({"eval": values, "source": source}), file=out)
     return 0
