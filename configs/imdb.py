@@ -15,6 +15,6 @@ def get_config():
             "data": dataclasses.replace(
                 cfg.data, dataset="imdb_reviews", eval_split="test", seq_len=256
             ),
-            "train": dataclasses.replace(cfg.train, steps=1600, eval_every=800, eval_steps=100),
+            "train": dataclasses.replace(cfg.train, steps=1600, eval_every=800, eval_steps=1000),
         },
     )
