@@ -4,6 +4,7 @@
   python train.py                                   # tiny GPT on the embedded corpus
   python train.py --config=configs/bert_tiny.py --workdir=runs/bert
   python train.py --config=configs/gpt2_small.py --config.train.steps=100 --config.data.batch_size=8
+  python train.py --workdir=runs/sst2 --eval_only     # evaluate its newest checkpoint
 
   python train.py --config=configs/gpt2_small.py --plan --topology=v5e:4x4   # plan, no training
 
@@ -55,6 +56,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     planner.add_argument("--peak_tflops", type=float, default=None, help="per-device peak")
     planner.add_argument("--hbm_gbps", type=float, default=None, help="per-device bandwidth")
+    parser.add_argument(
+        "--eval_only",
+        action="store_true",
+        help="evaluate the workdir's newest checkpoint (or the initial parameters) on "
+        "data.eval_split and print a metrics table; the config defaults to workdir/config.json",
+    )
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -85,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax", "orbax", "tensorflow_datasets", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    if args.eval_only:
+        from lmflax.train import evaluation
+
+        return evaluation.main(args.config, args.workdir, overrides)
 
     from lmflax.config import ConfigError, apply_overrides, load_config_file, validate
 

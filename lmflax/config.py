@@ -116,6 +116,11 @@ class TaskConfig:
     mlm_max_predictions: 0 applies the MLM output layer at every position; K > 0 gathers the (at
     most) K chosen positions of each row first, as BERT's max_predictions_per_seq does (chosen
     positions beyond K are left out of the loss and counted in the 'mlm_dropped' metric).
+    Fine-tuning (lmflax.tasks.classification / tagging / qa): num_labels is the head's output
+    size and must equal the dataset's classes (or BIO tags); pooling is 'pooled' or 'first'
+    ([CLS]) or 'mean' for BERT, 'last' (last real token) or 'mean' for GPT, 'auto' = pooled /
+    last. QA: questions are cut to max_query_len tokens, contexts split into windows starting
+    doc_stride tokens apart, answers at most max_answer_len tokens long.
     """
 
     name: str = "causal_lm"
@@ -124,6 +129,11 @@ class TaskConfig:
     random_prob: float = 0.1
     loss_chunk_size: int = 0
     mlm_max_predictions: int = 0
+    num_labels: int = 2
+    pooling: str = "auto"
+    max_query_len: int = 64
+    doc_stride: int = 128
+    max_answer_len: int = 30
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -2,9 +2,15 @@
 `task.name` in the config to the class."""
 
 from lmflax.tasks.base import Task
+from lmflax.tasks.classification import SequenceClassification
 from lmflax.tasks.lm import CausalLM, MaskedLM
+from lmflax.tasks.qa import QuestionAnswering
+from lmflax.tasks.tagging import TokenClassification
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, MaskedLM)}
+TASKS: dict[str, type[Task]] = {
+    t.name: t
+    for t in (CausalLM, MaskedLM, SequenceClassification, TokenClassification, QuestionAnswering)
+}
 
 
 def make_task(cfg) -> Task:
@@ -12,4 +18,13 @@ def make_task(cfg) -> Task:
     return TASKS[cfg.task.name](cfg)
 
 
-__all__ = ["TASKS", "CausalLM", "MaskedLM", "Task", "make_task"]
+__all__ = [
+    "TASKS",
+    "CausalLM",
+    "MaskedLM",
+    "QuestionAnswering",
+    "SequenceClassification",
+    "Task",
+    "TokenClassification",
+    "make_task",
+]

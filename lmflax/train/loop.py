@@ -29,6 +29,7 @@ from lmflax.config import Config, ConfigError
 from lmflax.data import shards
 from lmflax.parallel import batch_sharding, logical_shardings, make_mesh, unbox
 from lmflax.tasks import Task, make_task
+from lmflax.tasks.finetune import FinetuneTask
 from lmflax.train.checkpoint import Checkpointer, abstract_with_shardings
 from lmflax.train.losses import finalize
 from lmflax.train.metrics import MetricWriter, Progress
@@ -214,7 +215,14 @@ def evaluate(
     eval_fn: Any,
     num_shards: int | None = None,
 ) -> dict[str, float]:
-    """Exact metrics over the first `steps` batches of `split` (the same batches every time)."""
+    """Exact metrics over the first `steps` batches of `split` (the same batches every time).
+
+    Fine-tuning tasks evaluate the split once (at most `steps` batches) with their own metrics
+    (lmflax.train.evaluation)."""
+    if isinstance(trainer.task, FinetuneTask):
+        from lmflax.train.evaluation import evaluate_finetune
+
+        return evaluate_finetune(trainer, state, split, steps)
     it = trainer.batches(split, num_shards)
     total = None
     for _ in range(steps):

@@ -1,0 +1,1 @@
+"""lmflax.evaluate: metrics that aggregate exactly across batches and hosts (`metrics`)."""
