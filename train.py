@@ -4,6 +4,7 @@
   python train.py                                   # tiny GPT on the embedded corpus
   python train.py --config=configs/bert_tiny.py --workdir=runs/bert
   python train.py --config=configs/gpt2_small.py --config.train.steps=100 --config.data.batch_size=8
+  python train.py --config=configs/wmt14_de_en.py --generate --prompt="Guten Morgen!"
 
 Rerunning with the same --workdir resumes from its newest checkpoint. Exit codes: 0 done,
 1 runtime failure (message on stderr), 2 bad config or command line.
@@ -32,6 +33,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="only warnings and the final summary"
     )
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="load the workdir's newest checkpoint and print the model's output for --prompt",
+    )
+    parser.add_argument(
+        "--prompt", action="append", default=[], help="text to continue or translate (repeatable)"
+    )
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -54,6 +63,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.prompt and not args.generate:
+        print("error: --prompt is only used with --generate", file=sys.stderr)
+        return EXIT_CONFIG
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname).1s %(message)s",
@@ -80,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     tfds.disable_progress_bar()
     workdir = args.workdir or os.path.join("runs", name)
     try:
+        if args.generate:
+            from lmflax.generate import main as generate_main
+
+            return generate_main(cfg, workdir, args.prompt, overrides)
         summary = run(cfg, workdir, config_name=name)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -94,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         f"done: step {summary['final_step']}"
         + (f", loss {loss:.4f}" if loss is not None else "")
         + (f", eval loss {summary['eval']['loss']:.4f}" if "eval" in summary else "")
+        + "".join(f", {k} {v:.2f}" for k, v in summary.get("generation", {}).items())
         + f"; workdir {workdir}"
     )
     return 0

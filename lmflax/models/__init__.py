@@ -1,14 +1,15 @@
-"""lmflax.models: BERT-style encoders and GPT-style decoders built from lmflax.nn.
+"""lmflax.models: BERT-style encoders, GPT-style decoders and encoder-decoders from lmflax.nn.
 
 Each family is a config (a `ModelConfig` subclass registered by its `family` name) and modules.
 `PRESETS` names the classic sizes and tiny ones for tests.
 """
 
-from lmflax.models import bert, gpt
+from lmflax.models import bert, gpt, seq2seq
 from lmflax.models.bert import BertConfig, BertForMaskedLM, BertModel, BertOutput
 from lmflax.models.gpt import GPT, GPTConfig
+from lmflax.models.seq2seq import EncoderDecoder, Seq2SeqConfig
 
-PRESETS = {**gpt.PRESETS, **bert.PRESETS}
+PRESETS = {**gpt.PRESETS, **bert.PRESETS, **seq2seq.PRESETS}
 
 __all__ = [
     "GPT",
@@ -17,5 +18,7 @@ __all__ = [
     "BertForMaskedLM",
     "BertModel",
     "BertOutput",
+    "EncoderDecoder",
     "GPTConfig",
+    "Seq2SeqConfig",
 ]

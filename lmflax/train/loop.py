@@ -328,6 +328,17 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
                 if start < t.steps:
                     writer.write(t.steps, ev, file="eval_metrics", prefix="eval/")
                 log.info("eval on %s: %s", cfg.data.eval_split, _fmt(ev))
+            generated = task.evaluate_generation(
+                state.params, jax.random.fold_in(jax.random.key(t.seed), 3)
+            )
+            if generated is not None:
+                gen_metrics, predictions = generated
+                summary["generation"] = gen_metrics
+                if start < t.steps:
+                    writer.write(t.steps, gen_metrics, file="eval_metrics", prefix="eval/")
+                if is_writer:
+                    _write_jsonl(workdir / "predictions.jsonl", predictions)
+                log.info("generated on %s: %s", cfg.data.eval_split, _fmt(gen_metrics))
             sample = task.sample(state.params, jax.random.fold_in(jax.random.key(t.seed), 2))
             if sample is not None:
                 summary["sample"] = sample
@@ -339,6 +350,12 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     if is_writer:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    tmp.replace(path)
 
 
 def _meta(step: int, config_name: str, window: Any, window_steps: int) -> dict[str, Any]:
