@@ -58,9 +58,10 @@ def filter_logits(
             kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
+        concrete = isinstance(top_p, int | float)
+        if concrete and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-        if top_p < 1.0:
+        if not concrete or top_p < 1.0:
             order = jnp.argsort(-logits, axis=-1, stable=True)
             sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
             probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -316,35 +317,42 @@ def sample_loop(
     top_p: float | None = None,
     eos_id: int | None = None,
     pad_id: int = 0,
-) -> jax.Array:
-    """Draws max_new_tokens tokens per row -> [B, N] int32.
+    return_logits: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Draws max_new_tokens tokens per row -> [B, N] int32 (and with return_logits the float32
+    logits [B, N, V] each token was drawn from; zeros after an early stop).
 
     logits [B, V] predict the first token; step_fn(state, tokens [B]) -> (next logits, state).
     A row that emits eos_id is finished: the rest of it is pad_id, and the loop stops once every
     row is finished. Token t is drawn with fold_in(rng, t).
     """
-    B = logits.shape[0]
+    B, V = logits.shape
     N = max_new_tokens
     out = jnp.full((B, N), pad_id, jnp.int32)
+    seen = jnp.zeros((B, N, V) if return_logits else (0,), jnp.float32)
 
     def cond(carry: tuple) -> jax.Array:
-        i, _, _, _, done = carry
+        i, _, _, _, done, _ = carry
         return (i < N) & ~jnp.all(done)
 
     def body(carry: tuple) -> tuple:
-        i, state, logits, out, done = carry
+        i, state, logits, out, done, seen = carry
         token = sample_logits(
             logits, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k, top_p=top_p
         )
         token = jnp.where(done, pad_id, token)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+        if return_logits:
+            step_logits = logits.astype(jnp.float32)[:, None]
+            seen = jax.lax.dynamic_update_slice(seen, step_logits, (0, i, 0))
         if eos_id is not None:
             done = done | (token == eos_id)
         logits, state = step_fn(state, token)
-        return i + 1, state, logits, out, done
+        return i + 1, state, logits, out, done, seen
 
-    init = (jnp.zeros((), jnp.int32), state, logits, out, jnp.zeros((B,), bool))
-    return jax.lax.while_loop(cond, body, init)[3]
+    init = (jnp.zeros((), jnp.int32), state, logits, out, jnp.zeros((B,), bool), seen)
+    _, _, _, out, _, seen = jax.lax.while_loop(cond, body, init)
+    return (out, seen) if return_logits else out
 
 
 @functools.partial(
@@ -357,6 +365,7 @@ def sample_loop(
         "top_p",
         "eos_id",
         "pad_id",
+        "return_logits",
     ),
 )
 def generate(
@@ -374,8 +383,10 @@ def generate(
     pad_id: int = 0,
     encoder_inputs: jax.Array | None = None,
     encoder_mask: jax.Array | None = None,
-) -> jax.Array:
-    """prompt [B, P] int32 -> [B, P + max_new_tokens]: the prompt followed by sampled tokens.
+    return_logits: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """prompt [B, P] int32 -> [B, P + max_new_tokens]: the prompt followed by sampled tokens
+    (with return_logits also the logits [B, N, V] every new token was chosen from).
 
     `model` is a decoder LM taking (ids, positions=, attention_mask=, deterministic=, decode=)
     and returning logits [B, T, V] (lmflax.models.GPT), or an encoder-decoder
@@ -404,7 +415,11 @@ def generate(
         top_p=top_p,
         eos_id=eos_id,
         pad_id=pad_id,
+        return_logits=return_logits,
     )
+    if return_logits:
+        new, seen = new
+        return jnp.concatenate([prompt.astype(jnp.int32), new], axis=1), seen
     return jnp.concatenate([prompt.astype(jnp.int32), new], axis=1)
 
 
@@ -415,11 +430,13 @@ def generate(
 class BeamOutput(NamedTuple):
     """sequences [B, W, N] (new tokens, pad_id after EOS), scores [B, W] (log-probability /
     length_penalty), finished [B, W] (ended with EOS). Beams are sorted: finished ones first,
-    by score; sequences[:, 0] is the answer."""
+    by score; sequences[:, 0] is the answer. steps: how many tokens the search ran for (fewer
+    than N when it stopped early)."""
 
     sequences: jax.Array
     scores: jax.Array
     finished: jax.Array
+    steps: jax.Array
 
 
 def _batch_axis(path: tuple, leaf: jax.Array) -> int | None:
@@ -472,9 +489,10 @@ def beam_search_loop(
 
     logits [B, V] predict the first token given `state` (batch B); step_fn(state, tokens [B·W])
     -> (logits [B·W, V], state) advances beams (the state is tiled to B·W rows here and its rows
-    follow their beams). Each step extends every live beam by every token, keeps the 2W best
-    candidates, moves those ending in EOS to the finished set (score = log-probability /
-    length_penalty(tokens incl. EOS)) and keeps the W best others alive. A row stops early once
+    follow their beams). Each step extends every live beam by every token and ranks the 2W best
+    candidates; those among the first W that end in EOS join the finished set (score =
+    log-probability / length_penalty(tokens incl. EOS)) and the W best that do not end stay
+    alive. With beam_size 1 this is exactly greedy decoding up to the first EOS. A row stops early once
     it has W finished hypotheses and no live beam could still beat the worst of them (its
     log-probability can only fall). Rows with fewer than W finished hypotheses after
     max_new_tokens fill the rest with live beams (scored at their length), ranked after the
@@ -519,11 +537,13 @@ def beam_search_loop(
         beam, token = top_index // V, (top_index % V).astype(jnp.int32)
         seq = jnp.take_along_axis(alive_seq, beam[:, :, None], axis=1)
         seq = jnp.where(steps == i, token[:, :, None], seq)  # [B, 2W, N]
-        ended = (token == eos_id if eos_id is not None else jnp.zeros_like(token, dtype=bool)) & (
-            top_logp > NEG_INF / 2
-        )  # a dead beam's EOS is not a hypothesis
-        # Live: the W best candidates that did not end.
-        alive_logp, keep = jax.lax.top_k(jnp.where(ended, NEG_INF, top_logp), W)
+        is_eos = token == eos_id if eos_id is not None else jnp.zeros_like(token, dtype=bool)
+        # An EOS among the W best candidates finishes a hypothesis (lower-ranked ones are
+        # dropped, as in Hugging Face's beam search, so that one beam is exactly greedy); a dead
+        # beam's EOS never does.
+        ended = is_eos & (jnp.arange(2 * W) < W) & (top_logp > NEG_INF / 2)
+        # Live: the W best candidates that do not end in EOS.
+        alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), W)
         alive_seq = jnp.take_along_axis(seq, keep[:, :, None], axis=1)
         source_beam = jnp.take_along_axis(beam, keep, axis=1)
         tokens = jnp.take_along_axis(token, keep, axis=1)
@@ -553,6 +573,7 @@ def beam_search_loop(
         sequences=jnp.take_along_axis(seqs, order[:, :, None], axis=1),
         scores=jnp.take_along_axis(scores, order, axis=1),
         finished=jnp.take_along_axis(flags, order, axis=1),
+        steps=i,
     )
 
 

@@ -116,13 +116,13 @@ class Seq2Seq(Task):
         )
 
     def generate_text(self, params: Any, prompts: list[str], rng: jax.Array) -> list[str]:
-        """Translates / summarises each source text (in batches of one compiled shape)."""
+        """Translates / summarises each source text, in batches of data.batch_size rows."""
         tok, c = self.tokenizer, self.cfg
         eos = data.end_id(tok)
         new_tokens = c.generate.max_new_tokens or c.task.target_len
-        # Rows: a multiple of the device count (the batch is sharded); the last batch is padded
-        # with copies of its first source, whose outputs are dropped.
-        rows = -(-min(len(prompts), c.data.batch_size) // jax.device_count()) * jax.device_count()
+        # Batches of data.batch_size rows (rounded up to the device count: the batch is sharded),
+        # one compiled shape for every call; the last is padded with copies of a source.
+        rows = -(-c.data.batch_size // jax.device_count()) * jax.device_count()
         outputs: list[str] = []
         for start in range(0, len(prompts), rows):
             chunk = prompts[start : start + rows]
