@@ -5,6 +5,7 @@
   python train.py --config=configs/bert_tiny.py --workdir=runs/bert
   python train.py --config=configs/gpt2_small.py --config.train.steps=100 --config.data.batch_size=8
   python train.py --workdir=runs/sst2 --eval_only     # evaluate its newest checkpoint
+  python train.py --config=configs/wmt14_de_en.py --generate --prompt="Guten Morgen!"
 
   python train.py --config=configs/gpt2_small.py --plan --topology=v5e:4x4   # plan, no training
 
@@ -62,6 +63,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="evaluate the workdir's newest checkpoint (or the initial parameters) on "
         "data.eval_split and print a metrics table; the config defaults to workdir/config.json",
     )
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="load the workdir's newest checkpoint and print the model's output for --prompt",
+    )
+    parser.add_argument(
+        "--prompt", action="append", default=[], help="text to continue or translate (repeatable)"
+    )
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):
@@ -84,6 +93,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.prompt and not args.generate:
+        print("error: --prompt is only used with --generate", file=sys.stderr)
+        return EXIT_CONFIG
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname).1s %(message)s",
@@ -144,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     tfds.disable_progress_bar()
     workdir = args.workdir or os.path.join("runs", name)
     try:
+        if args.generate:
+            from lmflax.generate import main as generate_main
+
+            return generate_main(cfg, workdir, args.prompt, overrides)
         summary = run(cfg, workdir, config_name=name)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -166,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         f"done: step {summary['final_step']}"
         + (f", loss {loss:.4f}" if loss is not None else "")
         + (f", eval loss {summary['eval']['loss']:.4f}" if "eval" in summary else "")
+        + "".join(f", {k} {v:.2f}" for k, v in summary.get("generation", {}).items())
         + f"; workdir {workdir}"
     )
     return 0

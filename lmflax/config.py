@@ -108,7 +108,9 @@ class TaskConfig:
 
     name: 'causal_lm' (next-token prediction, GPT) or 'mlm' (BERT masked language modelling:
     mlm_probability of the tokens are chosen; of those mask_prob become [MASK], random_prob a
-    random token, the rest stay).
+    random token, the rest stay), or 'seq2seq' (an encoder-decoder maps a record's source_key
+    text, data.seq_len tokens at most, to its target_key text, target_len tokens at most; the
+    generated text is scored with `metrics`, 'bleu' and/or 'rouge', at the end).
 
     loss_chunk_size: 0 computes the full [B, T, V] logits; N > 0 computes the loss N positions
     (of every row) at a time with `chunked_cross_entropy`, which never holds the full float32
@@ -134,6 +136,31 @@ class TaskConfig:
     max_query_len: int = 64
     doc_stride: int = 128
     max_answer_len: int = 30
+    source_key: str = "inputs"
+    target_key: str = "targets"
+    target_len: int = 128
+    metrics: tuple[str, ...] = ("bleu",)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerateConfig:
+    """How text is generated (`train.py --generate`, and seq2seq's evaluation after training).
+
+    beam_size > 1: beam search with GNMT's length_penalty alpha. beam_size 1: sampling with
+    temperature (0 = greedy), top_k (0 = off) and top_p (1.0 = off). max_new_tokens: 0 = the
+    task's default (task.target_len for seq2seq, train.sample_tokens for a causal LM).
+    eval_examples: examples of data.eval_split decoded and scored after training (0 = none);
+    their predictions are written to workdir/predictions.jsonl.
+    """
+
+    beam_size: int = 1
+    length_penalty: float = 0.6
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 0
+    eval_examples: int = 64
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -260,6 +287,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,6 +611,7 @@ def _type_error(path: Path, e: TypeError) -> ConfigError:
             TrainConfig,
             OptimizerConfig,
             MeshConfig,
+            GenerateConfig,
             *_families().values(),
         ]:
             if cls.__name__ == cls_name:
@@ -690,9 +719,33 @@ def validate(cfg: Config) -> Config:
             f"task.mlm_max_predictions ({k.mlm_max_predictions}) is more than data.seq_len "
             f"({d.seq_len}) positions"
         )
+    errs += _generation_errors(cfg)
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     return cfg
+
+
+def _generation_errors(cfg: Config) -> list[str]:
+    from lmflax.evaluate.generation import METRICS
+
+    errs = []
+    k, g = cfg.task, cfg.generate
+    if k.target_len <= 0:
+        errs.append(f"task.target_len must be > 0, got {k.target_len}")
+    for m in k.metrics:
+        _one_of(errs, "task.metrics entry", m, METRICS)
+    if g.beam_size < 1:
+        errs.append(f"generate.beam_size must be >= 1, got {g.beam_size}")
+    if g.temperature < 0:
+        errs.append(f"generate.temperature must be >= 0, got {g.temperature}")
+    if g.top_k < 0:
+        errs.append(f"generate.top_k must be >= 0 (0 = off), got {g.top_k}")
+    if not 0.0 < g.top_p <= 1.0:
+        errs.append(f"generate.top_p must be in (0, 1] (1 = off), got {g.top_p}")
+    for name in ("max_new_tokens", "eval_examples"):
+        if getattr(g, name) < 0:
+            errs.append(f"generate.{name} must be >= 0, got {getattr(g, name)}")
+    return errs
 
 
 def _tasks() -> tuple[str, ...]:

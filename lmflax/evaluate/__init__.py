@@ -1,1 +1,2 @@
-"""lmflax.evaluate: metrics that aggregate exactly across batches and hosts (`metrics`)."""
+"""lmflax.evaluate: metrics that aggregate exactly across batches and hosts (`metrics`) and
+metrics of generated text (`generation`: BLEU, ROUGE)."""

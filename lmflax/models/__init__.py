@@ -1,11 +1,11 @@
-"""lmflax.models: BERT-style encoders and GPT-style decoders built from lmflax.nn.
+"""lmflax.models: BERT-style encoders, GPT-style decoders and encoder-decoders from lmflax.nn.
 
 Each family is a config (a `ModelConfig` subclass registered by its `family` name) and modules.
 `PRESETS` names the classic sizes and tiny ones for tests. `heads` puts classification, tagging
 and extractive-QA heads on them for fine-tuning.
 """
 
-from lmflax.models import bert, gpt
+from lmflax.models import bert, gpt, seq2seq
 from lmflax.models.bert import BertConfig, BertForMaskedLM, BertModel, BertOutput
 from lmflax.models.gpt import GPT, GPTConfig
 from lmflax.models.heads import (
@@ -16,8 +16,9 @@ from lmflax.models.heads import (
     GPTForSequenceClassification,
     SpanHead,
 )
+from lmflax.models.seq2seq import EncoderDecoder, Seq2SeqConfig
 
-PRESETS = {**gpt.PRESETS, **bert.PRESETS}
+PRESETS = {**gpt.PRESETS, **bert.PRESETS, **seq2seq.PRESETS}
 
 __all__ = [
     "GPT",
@@ -30,7 +31,9 @@ __all__ = [
     "BertModel",
     "BertOutput",
     "ClassificationHead",
+    "EncoderDecoder",
     "GPTConfig",
     "GPTForSequenceClassification",
+    "Seq2SeqConfig",
     "SpanHead",
 ]

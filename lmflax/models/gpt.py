@@ -9,7 +9,17 @@ import jax
 import jax.numpy as jnp
 
 from lmflax.config import ModelConfig, register_model_config
-from lmflax.nn import Decoder, Embed, LearnedPositions, Linear, SegmentIds, sinusoidal_positions
+from lmflax.nn import (
+    Decoder,
+    Embed,
+    LearnedPositions,
+    Linear,
+    SegmentIds,
+    combine_masks,
+    padding_mask,
+    segment_mask,
+    sinusoidal_positions,
+)
 from lmflax.nn._util import as_dtype, constrain
 
 
@@ -30,7 +40,9 @@ class GPT(nn.Module):
     """ids [B, T] -> logits [B, T, V] (or the final hidden states [B, T, D] with return_hidden).
 
     positions [B, T] default to 0..T-1; segment_ids [B, T] (packed rows, 0 = padding) keep
-    attention inside each document. decode=True runs against the KV cache (see lmflax.decode).
+    attention inside each document. attention_mask [B, S] (1 = real token) hides padding keys:
+    S = T in a full pass, or the whole cache with decode=True (left-padded prompts, see
+    lmflax.decode). decode=True runs against the KV cache.
     """
 
     config: GPTConfig
@@ -62,6 +74,7 @@ class GPT(nn.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
         deterministic: bool,
         decode: bool = False,
         return_hidden: bool = False,
@@ -81,8 +94,14 @@ class GPT(nn.Module):
             )
         x = self.embed_dropout(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
-        # Segment ids stay ids (not a [B, T, T] mask) so fused attention kernels can read them.
-        mask = SegmentIds.packed(segment_ids) if segment_ids is not None else None
+        if attention_mask is None:
+            # Segment ids stay ids (not a [B, T, T] mask) so fused attention kernels can read them.
+            mask = SegmentIds.packed(segment_ids) if segment_ids is not None else None
+        else:
+            mask = combine_masks(
+                segment_mask(segment_ids) if segment_ids is not None else None,
+                padding_mask(attention_mask),
+            )
         x = self.decoder(
             x, mask=mask, positions=positions, deterministic=deterministic, decode=decode
         )

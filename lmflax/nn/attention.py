@@ -171,6 +171,8 @@ class MultiHeadAttention(nn.Module):
     from x's length; later calls append their T new positions and attend to everything cached.
     fused_qkv: self-attention with num_kv_heads == num_heads projects q, k and v with one
     [D] x [3, N, H] matmul; the parameters (query/key/value) are exactly those of the default.
+    With `context` and decode=True the context's keys/values are cached on the first call that
+    may write the cache and reused after that (an encoder-decoder's cross-attention).
     """
 
     num_heads: int
@@ -245,6 +247,8 @@ class MultiHeadAttention(nn.Module):
         if decode and context is None:
             k, v, mask = self._update_cache(k, v, mask, is_causal)
             is_causal = False
+        elif decode:
+            k, v = self._cross_cache(k, v)
 
         dropout_rng = None
         rate = 0.0 if deterministic else self.dropout_rate
@@ -273,6 +277,23 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
             name="out",
         )(out)
+
+    def _cross_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Cross-attention keys/values of a fixed context, computed once per decode.
+
+        The first decode call that may write the cache (not `init`, which only sizes the self-
+        attention cache) stores them; later calls read them back, so the projections of
+        `context` above go unused and jit drops them.
+        """
+        if self.has_variable("cache", "cached_cross_key"):
+            return (
+                self.get_variable("cache", "cached_cross_key"),
+                self.get_variable("cache", "cached_cross_value"),
+            )
+        if not self.is_initializing() and self.is_mutable_collection("cache"):
+            self.put_variable("cache", "cached_cross_key", k)
+            self.put_variable("cache", "cached_cross_value", v)
+        return k, v
 
     def _update_cache(
         self, k: jax.Array, v: jax.Array, mask: jax.Array | None, is_causal: bool

@@ -5,11 +5,19 @@ from lmflax.tasks.base import Task
 from lmflax.tasks.classification import SequenceClassification
 from lmflax.tasks.lm import CausalLM, MaskedLM
 from lmflax.tasks.qa import QuestionAnswering
+from lmflax.tasks.seq2seq import Seq2Seq
 from lmflax.tasks.tagging import TokenClassification
 
 TASKS: dict[str, type[Task]] = {
     t.name: t
-    for t in (CausalLM, MaskedLM, SequenceClassification, TokenClassification, QuestionAnswering)
+    for t in (
+        CausalLM,
+        MaskedLM,
+        SequenceClassification,
+        TokenClassification,
+        QuestionAnswering,
+        Seq2Seq,
+    )
 }
 
 
@@ -23,6 +31,7 @@ __all__ = [
     "CausalLM",
     "MaskedLM",
     "QuestionAnswering",
+    "Seq2Seq",
     "SequenceClassification",
     "Task",
     "TokenClassification",

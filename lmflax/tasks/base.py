@@ -69,3 +69,16 @@ class Task(abc.ABC):
         """A short demonstration of the trained model for the end of a run (None = nothing)."""
         del params, rng
         return None
+
+    def generate_text(self, params: Any, prompts: list[str], rng: jax.Array) -> list[str]:
+        """The model's output text for each prompt, as `cfg.generate` says (`--generate`)."""
+        del params, prompts, rng
+        raise NotImplementedError(f"task {self.name!r} does not generate text")
+
+    def evaluate_generation(
+        self, params: Any, rng: jax.Array
+    ) -> tuple[dict[str, float], list[dict[str, str]]] | None:
+        """Metrics of generated text on the evaluation split after training, and the example
+        predictions the loop writes to the workdir; None when the task has none."""
+        del params, rng
+        return None

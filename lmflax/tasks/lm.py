@@ -124,6 +124,37 @@ class CausalLM(Task):
         )
         return t.sample_prompt + tok.decode(np.asarray(out[0, len(prompt) :]))
 
+    def generate_text(self, params: Any, prompts: list[str], rng: jax.Array) -> list[str]:
+        """Continues each prompt (left-padded into one batch), as `cfg.generate` says."""
+        from lmflax import decode
+
+        tok, c = self.tokenizer, self.cfg
+        ids, mask = decode.left_pad([[tok.eos_id, *tok.encode(p)] for p in prompts], tok.pad_id)
+        rows = -(-len(prompts) // jax.device_count()) * jax.device_count()  # the batch is sharded
+        ids = np.concatenate([ids, np.repeat(ids[:1], rows - len(prompts), axis=0)])
+        mask = np.concatenate([mask, np.repeat(mask[:1], rows - len(prompts), axis=0)])
+        new = c.generate.max_new_tokens or c.train.sample_tokens
+        if c.model.position in ("learned", "sinusoidal"):
+            new = min(new, c.model.max_len - ids.shape[1])
+            if new < 1:
+                raise ValueError(
+                    f"the prompt has {ids.shape[1]} tokens, the model's positions stop at "
+                    f"{c.model.max_len}: no room to generate"
+                )
+        out = decode.generate_tokens(
+            c.generate,
+            self.model,
+            params,
+            jnp.asarray(ids),
+            max_new_tokens=new,
+            rng=rng,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            prompt_mask=jnp.asarray(mask),
+        )
+        out = np.asarray(jax.device_get(out))[: len(prompts)]
+        return [tok.decode(decode.until_eos(row, tok.eos_id)) for row in out]
+
 
 class MaskedLM(Task):
     """BERT's masked language modelling (80/10/10), loss on the chosen positions only."""

@@ -559,6 +559,17 @@ def _train(
             if start < t.steps:
                 loop.writer.write(t.steps, ev, file="eval_metrics", prefix="eval/")
             log.info("eval on %s: %s", cfg.data.eval_split, _fmt(ev))
+        generated = trainer.task.evaluate_generation(
+            state.params, jax.random.fold_in(jax.random.key(t.seed), 3)
+        )
+        if generated is not None:
+            gen_metrics, predictions = generated
+            summary["generation"] = gen_metrics
+            if start < t.steps:
+                loop.writer.write(t.steps, gen_metrics, file="eval_metrics", prefix="eval/")
+            if loop.is_writer:
+                _write_jsonl(loop.workdir / "predictions.jsonl", predictions)
+            log.info("generated on %s: %s", cfg.data.eval_split, _fmt(gen_metrics))
         sample = _sample(loop, state)
         if sample is not None:
             summary["sample"] = sample
@@ -570,6 +581,12 @@ def _sample(loop: _Loop, state: TrainState) -> str | None:
     return loop.trainer.task.sample(
         state.params, jax.random.fold_in(jax.random.key(loop.cfg.train.seed), 2)
     )
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    tmp.replace(path)
 
 
 def _num_data_shards(cfg: Config, ckpt: Checkpointer, latest: int | None) -> int:

@@ -1,0 +1,198 @@
+"""Text pairs for encoder-decoders (translation, summarization) from TFDS through grain.
+
+A record's `task.source_key` text becomes the encoder input, its `task.target_key` text the
+target. One byte-level BPE vocabulary is trained on both sides (a joint vocabulary lets source and
+target share the model's single embedding table). Pairs are padded, not packed: every row is
+one example, with masks marking the padding on both sides.
+
+  inputs [S] = source tokens (at most S - 1) + EOS, padded        inputs_mask [S]: 1 = real
+  decoder_inputs [T] = EOS (the decoder's start) + target[:-1]    targets [T] = target + EOS
+  weights [T]: 1 where a target token is real
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from lmflax.config import Config
+from lmflax.data import sources
+from lmflax.data.pipeline import _read_options, _text_of, documents, load_tokenizer
+from lmflax.data.sources import DataError
+from lmflax.data.tokenizers import KINDS, Tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+# TFDS builders that this TFDS release does not import by itself (they live in modules that
+# `import tensorflow_datasets` skips); importing the module registers the builder, which
+# `tfds.data_source` and `tfds.testing.mock_data` need.
+_TFDS_MODULES = {
+    "wmt13_translate": "tensorflow_datasets.translate.wmt13",
+    "wmt14_translate": "tensorflow_datasets.translate.wmt14",
+    "wmt15_translate": "tensorflow_datasets.translate.wmt15",
+    "wmt16_translate": "tensorflow_datasets.translate.wmt16",
+    "wmt17_translate": "tensorflow_datasets.translate.wmt17",
+    "wmt18_translate": "tensorflow_datasets.translate.wmt18",
+    "wmt19_translate": "tensorflow_datasets.translate.wmt19",
+    "wmt_t2t_translate": "tensorflow_datasets.translate.wmt_t2t",
+    "cnn_dailymail": "tensorflow_datasets.summarization.cnn_dailymail",
+}
+
+
+def register_tfds_builder(dataset: str) -> None:
+    """Imports the TFDS module defining `dataset` ('wmt14_translate/de-en', ...) if it is one
+    that TFDS does not import by itself."""
+    module = _TFDS_MODULES.get(dataset.split("/")[0].split(":")[0])
+    if module is not None:
+        importlib.import_module(module)
+
+
+def pair_of(
+    record: dict[str, Any], source_key: str, target_key: str, index: int
+) -> tuple[str, str]:
+    """(source text, target text) of one record."""
+    for key, field in ((source_key, "task.source_key"), (target_key, "task.target_key")):
+        if key not in record:
+            raise DataError(
+                f"record {index} has no feature {key!r} ({field}); its features are "
+                f"{sorted(record)}"
+            )
+    return _text_of(record, source_key, index), _text_of(record, target_key, index)
+
+
+def _pair_texts(source: Any, source_key: str, target_key: str, limit: int) -> Iterator[str]:
+    for i in range(min(limit, len(source))):
+        src, tgt = pair_of(source[i], source_key, target_key, i)
+        yield src
+        yield tgt
+
+
+def load_pair_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer `data.tokenizer` names: 'bpe' / 'wordpiece' train one vocabulary of
+    model.vocab_size entries on both sides of the first data.tokenizer_train_docs training pairs
+    (cached under data_dir/lmflax_tokenizers); a path or 'hf:DIR' loads one."""
+    data, task, vocab_size = cfg.data, cfg.task, cfg.model.vocab_size
+    if data.tokenizer not in KINDS:
+        tokenizer = load_tokenizer(data, vocab_size)
+    else:
+        data_dir = data.data_dir or sources.default_data_dir()
+        name = re.sub(
+            r"[^\w.+-]",
+            "_",
+            f"{data.dataset}-{data.train_split}-{task.source_key}+{task.target_key}",
+        )
+        path = (
+            Path(data_dir)
+            / "lmflax_tokenizers"
+            / f"{name}-{data.tokenizer}-{vocab_size}-{data.tokenizer_train_docs}.json"
+        )
+        if not path.exists():
+            with sources.file_lock(path.with_suffix(".lock")):
+                if not path.exists():
+                    source = sources.data_source(
+                        data.dataset, data.train_split, data.data_dir, download=data.download
+                    )
+                    log.info(
+                        "training a joint %s tokenizer (vocab %d) -> %s",
+                        data.tokenizer,
+                        vocab_size,
+                        path,
+                    )
+                    texts = _pair_texts(
+                        source, task.source_key, task.target_key, data.tokenizer_train_docs
+                    )
+                    tok = train_tokenizer(data.tokenizer, texts, vocab_size)
+                    tmp = path.with_suffix(".tmp")
+                    tok.save(tmp)
+                    tmp.replace(path)
+        tokenizer = Tokenizer.from_file(path)
+        if tokenizer.vocab_size > vocab_size:
+            raise DataError(
+                f"tokenizer {path} has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                f"{vocab_size}"
+            )
+    if end_id(tokenizer) is None:
+        raise DataError(
+            f"seq2seq needs a tokenizer with an end-of-sequence token (<|endoftext|>, </s>, "
+            f"<eos> or [SEP]); {data.tokenizer!r} has none"
+        )
+    return tokenizer
+
+
+def end_id(tokenizer: Tokenizer) -> int | None:
+    """The token that ends a sequence and starts the decoder (EOS, or [SEP] for WordPiece)."""
+    return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
+
+
+def encode_source(tokenizer: Tokenizer, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """text -> (ids [length], mask [length]): at most length - 1 tokens + EOS, right-padded."""
+    ids = [*tokenizer.encode(text)[: length - 1], end_id(tokenizer)]
+    out = np.full(length, tokenizer.pad_id, np.int32)
+    out[: len(ids)] = ids
+    mask = np.zeros(length, np.int32)
+    mask[: len(ids)] = 1
+    return out, mask
+
+
+def encode_pair(
+    tokenizer: Tokenizer, source: str, target: str, source_len: int, target_len: int
+) -> dict[str, np.ndarray]:
+    """One training example (see the module docstring for the fields)."""
+    eos = end_id(tokenizer)
+    inputs, inputs_mask = encode_source(tokenizer, source, source_len)
+    tgt = [*tokenizer.encode(target)[: target_len - 1], eos]
+    n = len(tgt)
+    targets = np.full(target_len, tokenizer.pad_id, np.int32)
+    targets[:n] = tgt
+    decoder_inputs = np.full(target_len, tokenizer.pad_id, np.int32)
+    decoder_inputs[0] = eos
+    decoder_inputs[1:n] = tgt[:-1]
+    weights = np.zeros(target_len, np.float32)
+    weights[:n] = 1.0
+    return {
+        "inputs": inputs,
+        "inputs_mask": inputs_mask,
+        "decoder_inputs": decoder_inputs,
+        "targets": targets,
+        "weights": weights,
+    }
+
+
+def seq2seq_dataset(
+    cfg: Config,
+    tokenizer: Tokenizer,
+    split: str,
+    *,
+    seed: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Batches of padded pairs, each a dict of [batch_size, L] arrays (L = data.seq_len for the
+    encoder fields, task.target_len for the decoder ones); shuffled, repeating, resumable."""
+    data, task = cfg.data, cfg.task
+    ds = documents(data, split, seed=seed, process_index=process_index, process_count=process_count)
+
+    def encode(index: int, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        src, tgt = pair_of(record, task.source_key, task.target_key, index)
+        return encode_pair(tokenizer, src, tgt, data.seq_len, task.target_len)
+
+    it = ds.map_with_index(encode).to_iter_dataset(_read_options(data))
+    return it.batch(batch_size, drop_remainder=True)
+
+
+def eval_pairs(cfg: Config, split: str, count: int) -> list[tuple[str, str]]:
+    """The first `count` (source, target) text pairs of `split`, in the dataset's order."""
+    data, task = cfg.data, cfg.task
+    source = sources.data_source(data.dataset, split, data.data_dir, download=data.download)
+    return [
+        pair_of(source[i], task.source_key, task.target_key, i)
+        for i in range(min(count, len(source)))
+    ]

@@ -1,0 +1,60 @@
+"""Metrics of generated text against references: BLEU (sacrebleu) and ROUGE-1/2/L (rouge-score).
+
+Both score detokenized text, the way results are published: BLEU with sacrebleu's standard 13a
+tokenization on the raw strings (no tokenized or lower-cased shortcuts), ROUGE as the mean
+F-measure over examples with Porter stemming (Lin 2004; the CNN/DailyMail convention). Scores
+are percentages (0-100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+METRICS = ("bleu", "rouge")
+
+
+def _check(predictions: Sequence[str], references: Sequence[str]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"{len(predictions)} predictions but {len(references)} references; they must pair up"
+        )
+    if not predictions:
+        raise ValueError("no predictions to score")
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (0-100) of detokenized predictions against one reference each."""
+    import sacrebleu
+
+    _check(predictions, references)
+    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F-measures (0-100) over the examples."""
+    from rouge_score import rouge_scorer
+
+    _check(predictions, references)
+    names = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(names), use_stemmer=True)
+    totals = dict.fromkeys(names, 0.0)
+    for pred, ref in zip(predictions, references, strict=True):
+        scores = scorer.score(ref, pred)  # (target, prediction)
+        for n in names:
+            totals[n] += scores[n].fmeasure
+    return {n: 100.0 * totals[n] / len(predictions) for n in names}
+
+
+def generation_metrics(
+    names: Sequence[str], predictions: Sequence[str], references: Sequence[str]
+) -> dict[str, float]:
+    """The named metrics ('bleu', 'rouge') as one flat dict: bleu, rouge1, rouge2, rougeL."""
+    out: dict[str, float] = {}
+    for name in names:
+        if name == "bleu":
+            out["bleu"] = bleu(predictions, references)
+        elif name == "rouge":
+            out.update(rouge(predictions, references))
+        else:
+            raise ValueError(f"unknown generation metric {name!r}; accepted: {METRICS}")
+    return out
