@@ -3,8 +3,9 @@
 
 from lmflax.tasks.base import Task
 from lmflax.tasks.lm import CausalLM, MaskedLM
+from lmflax.tasks.word2vec import Word2VecTask
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, MaskedLM)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, MaskedLM, Word2VecTask)}
 
 
 def make_task(cfg) -> Task:
@@ -12,4 +13,4 @@ def make_task(cfg) -> Task:
     return TASKS[cfg.task.name](cfg)
 
 
-__all__ = ["TASKS", "CausalLM", "MaskedLM", "Task", "make_task"]
+__all__ = ["TASKS", "CausalLM", "MaskedLM", "Task", "Word2VecTask", "make_task"]
