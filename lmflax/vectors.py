@@ -241,12 +241,14 @@ def _read_binary(path: Path, limit: int | None) -> WordVectors:
     return WordVectors(words, table)
 
 
-def _check_words(words: Sequence[str]) -> None:
+def _check_words(words: Sequence[str], binary: bool) -> None:
+    banned = "\n\r\t " if binary else "\n\r\t"
     for i, w in enumerate(words):
-        if not w or any(ch in w for ch in "\n\r\t") or w != w.strip(" "):
+        if not w or any(ch in w for ch in banned) or w != w.strip(" "):
             raise ValueError(
-                f"word {i} ({w!r}) cannot be written to a vector file: words must be non-empty, "
-                "without tabs or line breaks, and not start or end with a space"
+                f"word {i} ({w!r}) cannot be written to a {'binary' if binary else 'text'} "
+                "vector file: words must be non-empty, without tabs or line breaks, not start "
+                "or end with a space" + (", and (binary) without spaces" if binary else "")
             )
 
 
@@ -258,7 +260,7 @@ def write_vectors(
     Text values are written with 9 significant digits, which read back as the same float32.
     """
     path = Path(path)
-    _check_words(vectors.words)
+    _check_words(vectors.words, binary)
     table = np.asarray(vectors.vectors, np.float32)
     n, dim = table.shape
     if binary:

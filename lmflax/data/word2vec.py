@@ -206,37 +206,28 @@ def make_examples(
         ids = ids[rng.random(len(ids)) < keep_prob[ids]]
     n = len(ids)
     b = rng.integers(1, window + 1, size=n)
-    pos = np.arange(n)
+    offsets = np.concatenate([np.arange(-window, 0), np.arange(1, window + 1)])  # [2W]
+    ctx = np.arange(n)[:, None] + offsets[None, :]  # [n, 2W] positions around each centre
+    mask = (np.abs(offsets)[None, :] <= b[:, None]) & (ctx >= 0) & (ctx < n)
+    ctx_ids = ids[np.clip(ctx, 0, max(n - 1, 0))] if n else np.zeros((0, 2 * window), np.int32)
     if cbow:
-        offsets = np.concatenate([np.arange(-window, 0), np.arange(1, window + 1)])
-        ctx = pos[:, None] + offsets[None, :]
-        mask = (np.abs(offsets)[None, :] <= b[:, None]) & (ctx >= 0) & (ctx < n)
         has = mask.any(axis=1)
-        inputs = np.where(mask, ids[np.clip(ctx, 0, max(n - 1, 0))], 0)[has]
+        inputs = np.where(mask, ctx_ids, 0)[has]
         input_mask = mask[has].astype(np.float32)
         targets = ids[has]
     else:
-        centre, context = [], []
-        for d in range(1, window + 1):
-            for sign in (-1, 1):
-                j = pos + sign * d
-                ok = (b >= d) & (j >= 0) & (j < n)
-                centre.append(pos[ok])
-                context.append(j[ok])
-        c = np.concatenate(centre) if centre else np.zeros(0, np.int64)
-        x = np.concatenate(context) if context else np.zeros(0, np.int64)
-        # Pairs in document order (by centre), as word2vec visits them.
-        order = np.argsort(c, kind="stable")
-        inputs = ids[x[order]][:, None]
+        # One pair per allowed (centre, context), in document order as word2vec visits them.
+        rows, cols = np.nonzero(mask)
+        inputs = ctx_ids[rows, cols][:, None]
         input_mask = np.ones(inputs.shape, np.float32)
-        targets = ids[c[order]]
-    m = len(targets)
+        targets = ids[rows]
+    m, C = len(targets), (2 * window if cbow else 1)
     words_col = np.zeros(m, np.float32)
     if m:
         words_col[0] = words
     return {
-        "inputs": inputs.astype(np.int32).reshape(m, -1),
-        "input_mask": input_mask.reshape(m, -1),
+        "inputs": inputs.astype(np.int32).reshape(m, C),
+        "input_mask": input_mask.reshape(m, C),
         "targets": targets.astype(np.int32),
         "weights": np.ones(m, np.float32),
         "words": words_col,
