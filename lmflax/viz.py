@@ -59,11 +59,14 @@ def attention_maps(intermediates: Any) -> list[tuple[str, np.ndarray]]:
     return [("/".join(p), a) for p, a in found]
 
 
-def run_with_attention(model: Any, params: Any, *args: Any, **kwargs: Any) -> tuple[Any, list]:
-    """model.apply with the attention weights sown: (output, attention_maps(...))."""
-    out, state = model.apply(
-        {"params": params}, *args, deterministic=True, mutable=["intermediates"], **kwargs
-    )
+def run_with_attention(model: Any, params: Any, *args: jax.Array) -> tuple[Any, list]:
+    """model.apply(params, *args, deterministic=True) with the attention weights sown, compiled:
+    (output, attention_maps(...))."""
+
+    def apply(params: Any, *args: jax.Array) -> Any:
+        return model.apply({"params": params}, *args, deterministic=True, mutable=["intermediates"])
+
+    out, state = jax.jit(apply)(params, *args)
     return out, attention_maps(state.get("intermediates", {}))
 
 
