@@ -356,3 +356,17 @@ def test_model_gradient_touches_only_batch_rows():
     gout = np.abs(np.asarray(g["output_embed"]["embedding"])).sum(1)
     assert set(np.nonzero(gin)[0]) == {3, 5}
     assert set(np.nonzero(gout)[0]) == {7, 8, 9, 11, 12}
+
+
+def test_shipped_config_variants():
+    from lmflax.config import load_config_file
+
+    sg, _ = load_config_file("configs/word2vec.py")
+    cbow, _ = load_config_file("configs/word2vec.py:cbow")
+    assert (sg.model.architecture, cbow.model.architecture) == ("skipgram", "cbow")
+    assert cbow.optimizer.learning_rate == 0.05 * cbow.data.batch_size
+    assert sg.optimizer.learning_rate == 0.025 * sg.data.batch_size
+    assert sg.optimizer.name == "sgd" and sg.optimizer.schedule == "linear"
+    assert sg.optimizer.warmup_steps == 0
+    with pytest.raises(ConfigError, match=r"takes 'skipgram' or 'cbow', got 'sg'"):
+        load_config_file("configs/word2vec.py:sg")
