@@ -3,6 +3,7 @@ reference, and training through the real loop on a corpus with planted clusters 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import Counter
 from pathlib import Path
@@ -370,3 +371,19 @@ def test_shipped_config_variants():
     assert sg.optimizer.warmup_steps == 0
     with pytest.raises(ConfigError, match=r"takes 'skipgram' or 'cbow', got 'sg'"):
         load_config_file("configs/word2vec.py:sg")
+
+
+def test_sgd_optimizer_is_plain_sgd_with_the_schedule():
+    from lmflax.train.optim import make_optimizer
+
+    opt = OptimizerConfig(
+        name="sgd", learning_rate=2.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0
+    )
+    tx, schedule = make_optimizer(dataclasses.replace(opt, clip_norm=0.0, weight_decay=0.0), 4)
+    params = {"embedding": np.ones((2, 2), np.float32)}
+    grads = {"embedding": np.full((2, 2), 0.25, np.float32)}
+    state = tx.init(params)
+    for step, lr in enumerate([2.0, 1.5, 1.0]):  # linear from 2 to 0 over 4 steps
+        assert float(schedule(step)) == pytest.approx(lr)
+        updates, state = tx.update(grads, state, params)
+        np.testing.assert_allclose(np.asarray(updates["embedding"]), -lr * 0.25, rtol=1e-6)
