@@ -6,8 +6,8 @@ File formats (the ones the original tools and gensim write):
 - GloVe text: the same lines without the header (the dimension is read off the first line).
 - word2vec binary: the header line, then per word "<word> " followed by dim little-endian
   float32 values (and, as the original tool writes it, a newline).
-A word may contain spaces (GloVe's 840B vectors have some): a line's last dim fields are the
-numbers and the rest is the word.
+In a GloVe file a word may contain spaces (the 840B vectors have some): a line's last dim fields
+are the numbers and the rest is the word. A word2vec text line has exactly dim + 1 fields.
 
 Benchmarks, in their standard formats:
 - word similarity (WordSim-353, SimLex-999, MEN, ...): one "word1 word2 score" line per pair,
@@ -164,7 +164,9 @@ def _read_text(path: Path, limit: int | None) -> WordVectors:
                         f"{path}, line {lineno}: expected '<word> <numbers...>' or a "
                         f"'<count> <dim>' header, got {line[:80]!r}"
                     )
-            if len(fields) < dim + 1 or not " ".join(fields[:-dim]):
+            # GloVe files (no header) have words with spaces; word2vec's have none.
+            wrong = len(fields) != dim + 1 if expected is not None else len(fields) < dim + 1
+            if wrong or not " ".join(fields[:-dim]):
                 raise VectorFileError(
                     f"{path}, line {lineno}: expected a word and {dim} numbers, got "
                     f"{len(fields) - 1} fields after the first: {line[:80]!r}"
@@ -241,14 +243,14 @@ def _read_binary(path: Path, limit: int | None) -> WordVectors:
     return WordVectors(words, table)
 
 
-def _check_words(words: Sequence[str], binary: bool) -> None:
-    banned = "\n\r\t " if binary else "\n\r\t"
+def _check_words(words: Sequence[str], spaces: bool) -> None:
+    banned = "\n\r\t" if spaces else "\n\r\t "
     for i, w in enumerate(words):
         if not w or any(ch in w for ch in banned) or w != w.strip(" "):
             raise ValueError(
-                f"word {i} ({w!r}) cannot be written to a {'binary' if binary else 'text'} "
-                "vector file: words must be non-empty, without tabs or line breaks, not start "
-                "or end with a space" + (", and (binary) without spaces" if binary else "")
+                f"word {i} ({w!r}) cannot be written: words must be non-empty, without tabs or "
+                "line breaks, and not start or end with a space"
+                + ("" if spaces else "; only the GloVe format (header=False) allows inner spaces")
             )
 
 
@@ -260,7 +262,7 @@ def write_vectors(
     Text values are written with 9 significant digits, which read back as the same float32.
     """
     path = Path(path)
-    _check_words(vectors.words, binary)
+    _check_words(vectors.words, spaces=not binary and not header)
     table = np.asarray(vectors.vectors, np.float32)
     n, dim = table.shape
     if binary:

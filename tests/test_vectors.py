@@ -49,13 +49,15 @@ def test_read_then_write_handwritten_files(tmp_path):
         np.testing.assert_array_equal(
             first.vectors, np.array([[float(x) for x in w[1:]] for w in want], np.float32)
         )
+        glove = name == "g.txt"
         for binary in (False, True):
             out = tmp_path / f"out-{name}.{'bin' if binary else 'txt'}"
-            if binary and name == "g.txt":  # a binary word ends at its first space
-                with pytest.raises(ValueError, match=r"word 1 \('. . .'\).*without spaces"):
-                    vec.write_vectors(out, first, binary=True)
-                continue
-            vec.write_vectors(out, first, binary=binary)
+            if glove:  # '. . .' fits GloVe's format only: word2vec words end at a space
+                with pytest.raises(ValueError, match=r"word 1 \('. . .'\).*only the GloVe"):
+                    vec.write_vectors(out, first, binary=binary)
+                if binary:
+                    continue
+            vec.write_vectors(out, first, binary=binary, header=not glove)
             again = vec.read_vectors(out)
             assert again.words == first.words
             np.testing.assert_array_equal(again.vectors, first.vectors)
@@ -88,6 +90,7 @@ def test_gensim_reads_ours_and_we_read_gensims(tmp_path):
         ("a 1 2\nb 1 2\nc 1 2\nd 1 zwei\n", r"line 4: 'zwei' is not a number"),
         ("2 2\na 1 2\nb 1 2\nc 3 4\n", r"header announces 2 vectors but the file holds 3"),
         ("a 1 2\n\nb 1 2 3 x\n", r"line 3: 'x' is not a number"),
+        ("2 2\na 1 2\nb 1 2 3\n", r"line 3: expected a word and 2 numbers, got 3"),
     ],
 )
 def test_malformed_text_line_reports_its_number(tmp_path, text, pattern):
