@@ -228,8 +228,10 @@ class OptimizerConfig:
     min_lr_ratio · learning_rate at the last step; global-norm clipping at clip_norm (0 = off);
     weight decay on kernels and embeddings only (never norms or biases); gradient accumulation
     over grad_accum_steps micro-batches of batch_size / grad_accum_steps.
+    name: 'adamw', or 'sgd' (plain SGD, word2vec's optimizer; b1, b2 and eps unused).
     """
 
+    name: str = "adamw"
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     schedule: str = "cosine"
@@ -666,6 +668,7 @@ def validate(cfg: Config) -> Config:
     if o.warmup_steps < 0:
         errs.append(f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")
     _one_of(errs, "optimizer.schedule", o.schedule, ("cosine", "linear", "constant"))
+    _one_of(errs, "optimizer.name", o.name, ("adamw", "sgd"))
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         errs.append(f"optimizer.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     if o.weight_decay < 0 or o.clip_norm < 0 or o.eps <= 0:

@@ -14,6 +14,7 @@ from lmflax.nn.attention import (
     dot_product_attention,
     padding_mask,
     segment_mask,
+    weighted_values,
 )
 from lmflax.nn.blocks import (
     REMAT_POLICIES,
@@ -66,4 +67,5 @@ __all__ = [
     "stack_layers",
     "unbox",
     "unstack_layers",
+    "weighted_values",
 ]

@@ -151,11 +151,26 @@ def dot_product_attention(
     if fused is not None:
         return fused
     weights = attention_weights(q, k, mask=mask, bias=bias, is_causal=is_causal)
+    return weighted_values(weights, v, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+
+def weighted_values(
+    weights: jax.Array,
+    v: jax.Array,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """The second half of attention: weights [B, N, T, S] (from `attention_weights`) times
+    v [B, S, K, H] -> [B, T, N, H], with dropout on the weights when dropout_rate > 0.
+
+    `dot_product_attention`'s XLA path is exactly `weighted_values(attention_weights(...), v)`.
+    """
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    B, N, T, S = weights.shape
+    K, H = v.shape[2], v.shape[3]
     wg = weights.astype(v.dtype).reshape(B, K, N // K, T, S)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", wg, v)
     return out.reshape(B, T, N, H)
@@ -173,6 +188,11 @@ class MultiHeadAttention(nn.Module):
     [D] x [3, N, H] matmul; the parameters (query/key/value) are exactly those of the default.
     With `context` and decode=True the context's keys/values are cached on the first call that
     may write the cache and reused after that (an encoder-decoder's cross-attention).
+
+    Attention weights you can see: `apply(..., mutable=["intermediates"])` sows the float32
+    softmax weights [B, N, T, S] (0 on masked keys; before dropout) as
+    intermediates/.../attention_weights, a 1-tuple, and computes the output from exactly them.
+    Off (nothing computed or stored) unless that collection is mutable; never during init.
     """
 
     num_heads: int
@@ -254,17 +274,25 @@ class MultiHeadAttention(nn.Module):
         rate = 0.0 if deterministic else self.dropout_rate
         if rate > 0.0:
             dropout_rng = self.make_rng("dropout")
-        out = dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            bias=bias,
-            dropout_rate=rate,
-            dropout_rng=dropout_rng,
-            implementation=self.implementation,
-            is_causal=is_causal,
-        )
+        if self.is_mutable_collection("intermediates") and not self.is_initializing():
+            # Asked for the weights (apply(..., mutable=["intermediates"])): materialise them on
+            # the XLA path and compute the output from exactly those weights. Otherwise nothing
+            # is sown and the fused path below is untouched.
+            weights = attention_weights(q, k, mask=mask, bias=bias, is_causal=is_causal)
+            self.sow("intermediates", "attention_weights", weights)
+            out = weighted_values(weights, v, dropout_rate=rate, dropout_rng=dropout_rng)
+        else:
+            out = dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                bias=bias,
+                dropout_rate=rate,
+                dropout_rng=dropout_rng,
+                implementation=self.implementation,
+                is_causal=is_causal,
+            )
         out = constrain(out, ("batch", "length", "heads", "kv"))
         out_std = self.init_std if self.out_init_std is None else self.out_init_std
         return Linear(

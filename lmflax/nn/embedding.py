@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmflax.nn._util import DType, as_dtype, logical_param
+from lmflax.nn._util import DType, Initializer, as_dtype, logical_param
 
 
 class Embed(nn.Module):
@@ -15,12 +15,15 @@ class Embed(nn.Module):
     `one_hot=True` computes the lookup as one_hot(ids) @ table. Use it for tiny tables (BERT's two
     token types): the gradient of a gather is a scatter-add that serialises on GPUs when every
     token hits the same row, while the one-hot form's gradient is a small matmul.
+    `embedding_init` replaces the default normal(init_std) initializer (e.g. word2vec's uniform
+    table, or `lmflax.vectors` pretrained vectors).
     """
 
     num_embeddings: int
     features: int
     one_hot: bool = False
     init_std: float = 0.02
+    embedding_init: Initializer | None = None
     axes: tuple[str, str] = ("vocab", "embed")
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -29,7 +32,7 @@ class Embed(nn.Module):
         self.embedding = logical_param(
             self,
             "embedding",
-            nn.initializers.normal(self.init_std),
+            self.embedding_init or nn.initializers.normal(self.init_std),
             (self.num_embeddings, self.features),
             self.axes,
             self.param_dtype,

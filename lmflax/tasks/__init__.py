@@ -7,6 +7,7 @@ from lmflax.tasks.lm import CausalLM, MaskedLM
 from lmflax.tasks.qa import QuestionAnswering
 from lmflax.tasks.seq2seq import Seq2Seq
 from lmflax.tasks.tagging import TokenClassification
+from lmflax.tasks.word2vec import Word2VecTask
 
 TASKS: dict[str, type[Task]] = {
     t.name: t
@@ -17,6 +18,7 @@ TASKS: dict[str, type[Task]] = {
         TokenClassification,
         QuestionAnswering,
         Seq2Seq,
+        Word2VecTask,
     )
 }
 
@@ -35,5 +37,6 @@ __all__ = [
     "SequenceClassification",
     "Task",
     "TokenClassification",
+    "Word2VecTask",
     "make_task",
 ]

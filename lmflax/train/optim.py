@@ -1,5 +1,5 @@
-"""The optax chain from config: clipping, AdamW with a warm-up + decay schedule, and weight decay
-on kernels and embeddings only."""
+"""The optax chain from config: clipping, AdamW (or plain SGD) with a warm-up + decay schedule,
+and weight decay on kernels and embeddings only."""
 
 from __future__ import annotations
 
@@ -51,14 +51,19 @@ def make_optimizer(
     parts = []
     if opt.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(opt.clip_norm))
-    parts.append(
-        optax.adamw(
-            schedule,
-            b1=opt.b1,
-            b2=opt.b2,
-            eps=opt.eps,
-            weight_decay=opt.weight_decay,
-            mask=decay_mask,
+    if opt.name == "sgd":
+        if opt.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask))
+        parts.append(optax.sgd(schedule))
+    else:
+        parts.append(
+            optax.adamw(
+                schedule,
+                b1=opt.b1,
+                b2=opt.b2,
+                eps=opt.eps,
+                weight_decay=opt.weight_decay,
+                mask=decay_mask,
+            )
         )
-    )
     return optax.chain(*parts), schedule
