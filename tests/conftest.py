@@ -11,12 +11,19 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # XLA's CPU compiler is slow here (seconds per small model); tests and the train.py subprocesses
-# they start share one persistent compilation cache for the session.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lmflax-jax-cache-"))
+# they start share one persistent compilation cache for the session (for all pytest-xdist
+# workers of one run: PYTEST_XDIST_TESTRUNUID is the same in each).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"lmflax-jax-cache-{_RUN}")
+    if _RUN
+    else tempfile.mkdtemp(prefix="lmflax-jax-cache-"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import pytest
+import pytest  # noqa: E402  (after the environment it must see)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,8 +33,14 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A TFDS data dir holding the embedded corpus and its cached tokenizers (built once).
 
     LMFLAX_TEST_DATA_DIR reuses a directory across sessions (handy when iterating locally).
+    Under pytest-xdist the workers share one directory (building is guarded by file locks).
     """
-    path = os.environ.get("LMFLAX_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
+    path = os.environ.get("LMFLAX_TEST_DATA_DIR")
+    if not path and _RUN:
+        shared = tmp_path_factory.getbasetemp().parent / "tfds"
+        shared.mkdir(exist_ok=True)
+        path = str(shared)
+    path = path or str(tmp_path_factory.mktemp("tfds"))
     import tensorflow_datasets as tfds
 
     from lmflax.data import sources

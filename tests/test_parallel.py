@@ -256,9 +256,10 @@ def test_train_step_compiles_for_a_tpu_slice(topology, kind, chip):
     p, report = plan.main(cfg, topology=topology)
     assert p.devices == 4 and p.device_kind == kind and p.chip.name == chip
     # Per chip: every matrix is split over fsdp × tensor (4 ways), so parameters take a quarter
-    # of their float32 bytes (vectors over one axis only: a little more), Adam twice that.
+    # of their float32 bytes; vectors (biases, norms) are split over one axis or none, which at
+    # this tiny width adds about 6%. Adam's two moments take twice that.
     whole = 4 * p.params
-    assert whole / 4 <= p.param_bytes < 1.05 * whole / 4
+    assert whole / 4 <= p.param_bytes < 1.1 * whole / 4
     assert p.opt_state_bytes == pytest.approx(2 * p.param_bytes, rel=1e-3)
     # The TPU compiler's own per-chip argument size agrees with that accounting.
     ours = p.param_bytes + p.opt_state_bytes + p.batch_bytes

@@ -387,16 +387,19 @@ def test_failed_async_save_surfaces_and_earlier_checkpoints_survive(data_dir, tm
 
 
 class _Iter:
-    """Stands in for a grain iterator: a JSON-able position."""
+    """Stands in for `lmflax.data.shards.ShardedBatches` with one data shard: a JSON-able
+    position per shard."""
+
+    num_shards, shards, writes = 1, (0,), (0,)
 
     def __init__(self, n: int = 0):
         self.n = n
 
     def get_state(self) -> dict:
-        return {"n": self.n}
+        return {0: {"n": self.n}}
 
-    def set_state(self, state: dict) -> None:
-        self.n = state["n"]
+    def set_state(self, states: dict) -> None:
+        self.n = states[0]["n"]
 
 
 def _values(step: int) -> jax.Array:

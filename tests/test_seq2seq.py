@@ -25,6 +25,7 @@ from lmflax.models.seq2seq import relative_position_bucket
 from lmflax.tasks.seq2seq import seq2seq_loss
 from lmflax.train.metrics import read_metrics
 
+from .conftest import ROOT
 from .test_decode import random_params
 
 SMALL = dict(vocab_size=53, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=64)
@@ -337,7 +338,7 @@ def test_config_runs_end_to_end_on_mock_data(
     monkeypatch.chdir(tmp_path)
     code = train.main(
         [
-            f"--config=configs/{config}.py:tiny",
+            f"--config={ROOT / 'configs' / config}.py:tiny",
             f"--workdir={workdir}",
             "--generate",
             "--prompt=abc def",
