@@ -478,7 +478,7 @@ def test_decoding_under_a_sharded_mesh_matches_one_device(tmp_path):
     an encoder-decoder with padded prompts gives the one-device beams and scores."""
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
         "JAX_PLATFORMS": "cpu",
     }
     proc = subprocess.run(

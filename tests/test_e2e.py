@@ -59,6 +59,8 @@ def test_trains_checkpoints_and_resumes(config, data_dir, tmp_path):
     assert (workdir / "config.json").exists() and (workdir / "eval_metrics.jsonl").exists()
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
 
+    if config != "gpt_tiny":
+        return  # resuming is the same code for every model; once is enough
     again = run_train(args, data_dir)
     assert "resumed from" in again.stderr and "already complete at step 150" in again.stderr
     assert sorted(_losses(workdir)) == sorted(losses)

@@ -493,6 +493,7 @@ EXPECTED_KEYS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED_KEYS))
 def test_task_config_runs_end_to_end_under_mock_data(name, tmp_path, capsys):
     from lmflax.train.loop import run
@@ -575,6 +576,7 @@ def test_processes_split_eval_rows_and_their_counts_add_up(tmp_path):
 # Learning checks: the task configs, shrunk, on synthetic data through the whole pipeline
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "steps", "metric", "threshold"),
     [

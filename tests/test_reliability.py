@@ -41,6 +41,9 @@ TINY = [
     "--config.model.attention_dropout_rate=0.1",
 ]
 
+# Most tests here run train.py in subprocesses.
+pytestmark = pytest.mark.slow
+
 
 def _env(data_dir: str) -> dict[str, str]:
     return {**os.environ, "TFDS_DATA_DIR": data_dir, "PYTHONUNBUFFERED": "1"}

@@ -135,6 +135,7 @@ def test_pca_recovers_the_main_directions():
     np.testing.assert_allclose(xy.mean(0), 0.0, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_command_draws_a_trained_gpt_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
     from lmflax.config import load_config_file, override
     from lmflax.train.loop import run
