@@ -68,20 +68,16 @@ def load_tokenizer(data: DataConfig, vocab_size: int, default_kind: str = "bpe")
             / "lmflax_tokenizers"
             / f"{name}-{spec}-{vocab_size}-{data.tokenizer_train_docs}.json"
         )
-        if not path.exists():
-            with sources.file_lock(path.with_suffix(".lock")):
-                if not path.exists():
-                    source = sources.data_source(
-                        data.dataset, data.train_split, data_dir, download=data.download
-                    )
-                    log.info("training a %s tokenizer (vocab %d) -> %s", spec, vocab_size, path)
-                    tok = train_tokenizer(
-                        spec, _texts(source, data.text_key, data.tokenizer_train_docs), vocab_size
-                    )
-                    tmp = path.with_suffix(".tmp")
-                    tok.save(tmp)
-                    tmp.replace(path)
-        tokenizer = Tokenizer.from_file(path)
+
+        def write(tmp: Path) -> None:
+            source = sources.data_source(
+                data.dataset, data.train_split, data_dir, download=data.download
+            )
+            log.info("training a %s tokenizer (vocab %d) -> %s", spec, vocab_size, path)
+            texts = _texts(source, data.text_key, data.tokenizer_train_docs)
+            train_tokenizer(spec, texts, vocab_size).save(tmp)
+
+        tokenizer = Tokenizer.from_file(sources.build_once(path, write))
     elif spec.startswith("hf:"):
         from lmflax.hf import load_tokenizer as load_hf_tokenizer
 

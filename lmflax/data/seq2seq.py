@@ -93,26 +93,18 @@ def load_pair_tokenizer(cfg: Config) -> Tokenizer:
             / "lmflax_tokenizers"
             / f"{name}-{data.tokenizer}-{vocab_size}-{data.tokenizer_train_docs}.json"
         )
-        if not path.exists():
-            with sources.file_lock(path.with_suffix(".lock")):
-                if not path.exists():
-                    source = sources.data_source(
-                        data.dataset, data.train_split, data.data_dir, download=data.download
-                    )
-                    log.info(
-                        "training a joint %s tokenizer (vocab %d) -> %s",
-                        data.tokenizer,
-                        vocab_size,
-                        path,
-                    )
-                    texts = _pair_texts(
-                        source, task.source_key, task.target_key, data.tokenizer_train_docs
-                    )
-                    tok = train_tokenizer(data.tokenizer, texts, vocab_size)
-                    tmp = path.with_suffix(".tmp")
-                    tok.save(tmp)
-                    tmp.replace(path)
-        tokenizer = Tokenizer.from_file(path)
+
+        def write(tmp: Path) -> None:
+            source = sources.data_source(
+                data.dataset, data.train_split, data.data_dir, download=data.download
+            )
+            log.info(
+                "training a joint %s tokenizer (vocab %d) -> %s", data.tokenizer, vocab_size, path
+            )
+            texts = _pair_texts(source, task.source_key, task.target_key, data.tokenizer_train_docs)
+            train_tokenizer(data.tokenizer, texts, vocab_size).save(tmp)
+
+        tokenizer = Tokenizer.from_file(sources.build_once(path, write))
         if tokenizer.vocab_size > vocab_size:
             raise DataError(
                 f"tokenizer {path} has {tokenizer.vocab_size} tokens but model.vocab_size is "

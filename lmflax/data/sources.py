@@ -14,7 +14,7 @@ import fcntl
 import hashlib
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -125,6 +125,19 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_once(path: Path, write: Callable[[Path], None]) -> Path:
+    """Returns `path`, first making it if it is missing: `write(tmp)` writes the file at `tmp`
+    under a lock on `path` (one process builds, the others wait and reuse it), and `tmp` is
+    renamed to `path` only once complete, so a crash never leaves a half-written cache file."""
+    if not path.exists():
+        with file_lock(path.with_suffix(".lock")):
+            if not path.exists():
+                tmp = path.with_suffix(".tmp")
+                write(tmp)
+                tmp.replace(path)
+    return path
 
 
 def ensure_embedded(data_dir: str) -> None:

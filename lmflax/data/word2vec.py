@@ -149,22 +149,20 @@ def load_vocabulary(
         / "lmflax_vocabs"
         / f"{name}-{docs or 'all'}-{'lower' if lowercase else 'cased'}.tsv"
     )
-    if not path.exists():
-        with sources.file_lock(path.with_suffix(".lock")):
-            if not path.exists():
-                source = sources.data_source(
-                    data.dataset, data.train_split, data_dir, download=data.download
-                )
-                limit = docs or len(source)
-                log.info("counting words in %d records -> %s", min(limit, len(source)), path)
-                counts = count_words(pipeline._texts(source, data.text_key, limit), lowercase)
-                full = Vocabulary.from_counts(
-                    counts, min_count=1, max_size=len(counts), lowercase=lowercase
-                )
-                tmp = path.with_suffix(".tmp")
-                full.save(tmp)
-                tmp.replace(path)
-    full = Vocabulary.load(path, lowercase=lowercase)
+
+    def write(tmp: Path) -> None:
+        source = sources.data_source(
+            data.dataset, data.train_split, data_dir, download=data.download
+        )
+        limit = docs or len(source)
+        log.info("counting words in %d records -> %s", min(limit, len(source)), path)
+        counts = count_words(pipeline._texts(source, data.text_key, limit), lowercase)
+        full = Vocabulary.from_counts(
+            counts, min_count=1, max_size=len(counts), lowercase=lowercase
+        )
+        full.save(tmp)
+
+    full = Vocabulary.load(sources.build_once(path, write), lowercase=lowercase)
     keep = int(np.sum(full.counts >= min_count))
     vocab = Vocabulary(
         full.words[: min(keep, max_size)],
