@@ -115,21 +115,23 @@ def _local_gpu() -> tuple[bool, tuple[int, int] | None]:
 
 
 def current_backend() -> Backend:
-    """The backend of the current mesh (`jax.set_mesh`, also an ahead-of-time TPU topology), else
-    JAX's default backend."""
+    """The backend of the current mesh (`jax.set_mesh`, also an ahead-of-time TPU or GPU
+    topology's), else JAX's default backend."""
     mesh = jax.sharding.get_abstract_mesh()
     shape: tuple[tuple[str, int], ...] = ()
-    platform = None
+    platform, kind = None, ""
     if not mesh.empty:
         shape = tuple(mesh.shape.items())
         device = getattr(mesh, "abstract_device", None)
         platform = getattr(device, "platform", None)
+        kind = str(getattr(device, "device_kind", "") or "")
     platform = platform or jax.default_backend()
     if platform in ("gpu", "cuda", "rocm"):
         cuda, cc = _local_gpu()
-        return Backend(
-            "gpu", cuda=cuda or platform == "cuda", compute_capability=cc, mesh_shape=shape
-        )
+        # An ahead-of-time topology's mesh names its GPU (device_kind 'NVIDIA H200') while this
+        # machine may have none; the compute capability is then unknown (None).
+        cuda = cuda or platform == "cuda" or "nvidia" in kind.lower()
+        return Backend("gpu", cuda=cuda, compute_capability=cc, mesh_shape=shape)
     return Backend(platform, mesh_shape=shape)
 
 
