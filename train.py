@@ -53,7 +53,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--plan", action="store_true", help="print parameters, FLOPs, per-device memory, MFU"
     )
     planner.add_argument(
-        "--topology", default=None, help="plan for a TPU slice, e.g. v5e:4x4 (needs libtpu)"
+        "--topology",
+        default=None,
+        help="plan for a TPU slice (v5e:4x4; needs libtpu) or NVIDIA GPUs (h100, h200:8; needs jax-cuda12-plugin)",
     )
     planner.add_argument("--peak_tflops", type=float, default=None, help="per-device peak")
     planner.add_argument("--hbm_gbps", type=float, default=None, help="per-device bandwidth")

@@ -2,7 +2,8 @@
 
 `python train.py --config=... --plan [--topology=v5e:4x4] [--peak_tflops=...]` builds the
 trainer from shapes alone, lowers and compiles the real sharded train step ahead of time (for
-this machine's devices, or for a TPU slice described by libtpu) and prints:
+this machine's devices, for a TPU slice described by libtpu, or for NVIDIA GPUs that this
+machine need not have: `--topology=h100`, `h200:8`) and prints:
 
 - parameter count and FLOPs per token, 6·N + 12·L·H·Q·T (PaLM's accounting: N the parameters
   that take part in matrix multiplies, i.e. all but lookup-only embedding tables; L layers, H
@@ -14,8 +15,9 @@ this machine's devices, or for a TPU slice described by libtpu) and prints:
 - the step time a given peak FLOP/s (and memory bandwidth) would allow for XLA's own count of
   the step's FLOPs and bytes, and the MFU that step time means.
 
-With `mesh.memory_budget_gib` set (or, for a TPU topology, the chip's HBM), a config whose step
-needs more per device than that is refused with the numbers.
+With `mesh.memory_budget_gib` set (or, for a TPU or GPU topology, the chip's HBM), a config whose
+step needs more per device than that is refused with the numbers. Without a GPU, XLA:GPU
+compiles with heuristics instead of autotuning and reports no FLOP count.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """Published per-chip figures (Cloud TPU system architecture pages)."""
+    """Published per-chip figures (Cloud TPU system architecture pages, NVIDIA datasheets)."""
 
     name: str
     peak_flops: float  # bf16 FLOP/s
@@ -52,6 +54,62 @@ CHIPS = {
     "TPU v5 lite": Chip("v5e", 197e12, 16 * GIB, 819e9),
     "TPU v5": Chip("v5p", 459e12, 95 * GIB, 2765e9),
     "TPU v6 lite": Chip("v6e", 918e12, 32 * GIB, 1638e9),
+    # SXM parts, dense bf16; the HBM is what the device reports as usable, not the marketed GB.
+    "NVIDIA H100 80GB HBM3": Chip("h100", 989e12, 79.1 * GIB, 3350e9),
+    "NVIDIA H200": Chip("h200", 989e12, 139.8 * GIB, 4800e9),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    """What XLA:GPU needs to compile for an NVIDIA GPU it cannot query (its
+    GpuTargetConfigProto, the `--xla_gpu_target_config_filename` format)."""
+
+    device_kind: str
+    core_count: int
+    memory_bandwidth: float  # bytes/s
+    l2_cache_bytes: int
+    memory_bytes: int
+    clock_ghz: float
+    compute_capability: tuple[int, int]
+
+    def proto_text(self) -> str:
+        major, minor = self.compute_capability
+        info = {
+            "threads_per_block_limit": 1024,
+            "threads_per_warp": 32,
+            "shared_memory_per_block": 48 * 1024,
+            "shared_memory_per_core": 228 * 1024,
+            "threads_per_core_limit": 2048,
+            "core_count": self.core_count,
+            "fpus_per_core": 128,
+            "block_dim_limit_x": 2**31 - 1,
+            "block_dim_limit_y": 65535,
+            "block_dim_limit_z": 65535,
+            "memory_bandwidth": int(self.memory_bandwidth),
+            "l2_cache_size": self.l2_cache_bytes,
+            "clock_rate_ghz": self.clock_ghz,
+            "device_memory_size": self.memory_bytes,
+            "shared_memory_per_block_optin": 227 * 1024,
+            "registers_per_core_limit": 65536,
+            "registers_per_block_limit": 65536,
+        }
+        body = "".join(f"  {k}: {v}\n" for k, v in info.items())
+        return (
+            f"gpu_device_info {{\n{body}  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
+            'platform_name: "CUDA"\n'
+            "dnn_version_info { major: 9 minor: 8 }\n"
+            "runtime_version { major: 12 minor: 8 }\n"
+            f'device_description_str: "{self.device_kind}"\n'
+        )
+
+
+# --topology names for NVIDIA GPUs ('h200', or 'h200:8' for eight of them in one host).
+GPU_TARGETS = {
+    "h100": GpuTarget(
+        "NVIDIA H100 80GB HBM3", 132, 3350e9, 50 * 2**20, int(79.1 * GIB), 1.98, (9, 0)
+    ),
+    "h200": GpuTarget("NVIDIA H200", 132, 4800e9, 60 * 2**20, int(139.8 * GIB), 1.98, (9, 0)),
 }
 
 
@@ -213,13 +271,14 @@ def model_costs(trainer: Any) -> dict[str, Any]:
     }
 
 
-def _abstract_inputs(trainer: Any) -> tuple[Any, Any, Any]:
+def _abstract_inputs(trainer: Any, example: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
     cfg = trainer.cfg
     state = trainer.state.with_arrays(trainer.abstract_for_restore())
     B = cfg.data.batch_size
+    example = trainer.task.dummy_batch(1) if example is None else example
     batch = {
         k: jax.ShapeDtypeStruct((B, *v.shape[1:]), v.dtype, sharding=trainer.batch_sharding)
-        for k, v in trainer.task.dummy_batch(1).items()
+        for k, v in example.items()
     }
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(
@@ -228,10 +287,14 @@ def _abstract_inputs(trainer: Any) -> tuple[Any, Any, Any]:
     return state, batch, rng
 
 
-def compile_train_step(trainer: Any) -> Any:
+def compile_train_step(trainer: Any, example: dict[str, Any] | None = None) -> Any:
     """The trainer's sharded train step lowered from shapes and compiled ahead of time (for the
-    trainer's devices, which may be a TPU topology's). Nothing is allocated."""
-    state, batch, rng = _abstract_inputs(trainer)
+    trainer's devices, which may be a TPU or GPU topology's). Nothing is allocated.
+
+    example: a batch whose keys, dtypes and trailing shapes the step is compiled for (rows are
+    ignored; the config's batch size is used); default the task's dummy batch, which carries
+    every optional key (segment ids, positions, ...)."""
+    state, batch, rng = _abstract_inputs(trainer, example)
     with trainer.context():
         return trainer.jit_train_step().lower(state, batch, rng).compile()
 
@@ -300,8 +363,16 @@ def check_budget(plan: Plan, budget_gib: float, what: str = "mesh.memory_budget_
 
 
 def topology_devices(name: str) -> list[jax.Device]:
-    """The devices of a TPU slice described by libtpu, e.g. 'v5e:4x4', 'v5p:2x2x2', 'v4:2x2x1',
-    'v6e:2x2' (compilation targets only: nothing runs on them)."""
+    """Compile-only devices (nothing runs on them) of a TPU slice described by libtpu, e.g.
+    'v5e:4x4', 'v5p:2x2x2', 'v4:2x2x1', 'v6e:2x2', or of NVIDIA GPUs in one host, 'h100' or
+    'h200' with an optional ':N' GPU count ('h200:8')."""
+    chip, _, count = name.partition(":")
+    if chip.lower() in GPU_TARGETS:
+        if not (count or "1").isdigit() or int(count or 1) < 1:
+            raise ConfigError(
+                f"--topology={name!r}: the GPU count after ':' must be a positive integer"
+            )
+        return gpu_topology_devices(chip.lower(), int(count or 1))
     import importlib.util
 
     if importlib.util.find_spec("libtpu") is None:
@@ -317,9 +388,31 @@ def topology_devices(name: str) -> list[jax.Device]:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as e:  # libtpu raises a JaxRuntimeError (INVALID_ARGUMENT) for bad names
         raise ConfigError(
-            f"--topology={name!r} is not a TPU slice libtpu knows ({e}); accepted look like "
-            "v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x2, v6e:2x2"
+            f"--topology={name!r} is not a TPU slice libtpu knows ({e}) nor a GPU "
+            f"({', '.join(GPU_TARGETS)}); accepted look like v5e:2x2, v5e:4x4, v5p:2x2x1, "
+            "v4:2x2x2, v6e:2x2, h100, h200:8"
         ) from None
+
+
+def gpu_topology_devices(chip: str, count: int = 1) -> list[jax.Device]:
+    """`count` compile-only NVIDIA GPUs of kind `chip` (a key of GPU_TARGETS) in one host, for
+    XLA:GPU to compile for without a GPU here (jax's CUDA plugin must be installed: the test
+    extra has it; cuDNN attention also needs the cuDNN library, nvidia-cudnn-cu12)."""
+    import importlib.util
+
+    plugins = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+    if all(importlib.util.find_spec(p) is None for p in plugins):
+        raise ConfigError(
+            f"--topology={chip}: compiling for NVIDIA GPUs needs jax's CUDA plugin: pip install "
+            "jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 (and nvidia-cudnn-cu12 for cuDNN "
+            "attention), as the test extra does; no GPU is needed"
+        )
+    from jax.experimental import topologies
+
+    desc = topologies.get_topology_desc(
+        platform="cuda", target_config=GPU_TARGETS[chip].proto_text(), topology=f"1x1x{count}"
+    )
+    return list(desc.devices)
 
 
 def main(
