@@ -6,6 +6,9 @@
 For each depth and scan setting the whole train step (forward, backward, optimizer, with its
 shardings) is traced and compiled for the current backend from abstract shapes — nothing is
 allocated, so full-size models compile on a laptop — with the persistent compilation cache off.
+`--gpu=h200` (or h100) compiles with XLA:GPU for that GPU instead, on a machine without one
+(`lmflax.plan.gpu_topology_devices`; XLA:GPU skips autotuning there, which on the device adds
+time that grows with the number of distinct matmuls, not with a scanned depth).
 A scanned stack compiles one layer whatever the depth, so its compile time should barely grow;
 an unrolled one grows with it. Prints one JSON line per compile and the deepest/shallowest
 ratio per scan setting.
@@ -24,13 +27,14 @@ import numpy as np
 from benchmarks import common
 
 
-def compile_step(cfg: Any) -> dict[str, float]:
-    """Trace and compile times (seconds) of cfg's train step, from abstract inputs."""
+def compile_step(cfg: Any, devices: list[Any] | None = None) -> dict[str, float]:
+    """Trace and compile times (seconds) of cfg's train step, from abstract inputs, for
+    `devices` (default this machine's)."""
     import jax
 
     from lmflax.train.loop import Trainer
 
-    trainer = Trainer.create(cfg, init=False)
+    trainer = Trainer.create(cfg, init=False, devices=devices)
     arrays = trainer.abstract_for_restore()
     state = trainer.state.with_arrays(arrays)
     rows = cfg.data.batch_size
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scan", default="true,false", help="scan_layers settings to try")
     parser.add_argument("--repeats", type=int, default=1, help="compiles per setting (median)")
     parser.add_argument("--out", default=None, help="append JSON lines to this file")
+    parser.add_argument("--gpu", default=None, help="compile for this GPU without one: h100, h200")
     args, overrides = common.split_overrides(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -70,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     common.no_persistent_cache()
     facts = common.device_facts()
+    devices = None
+    if args.gpu:
+        from lmflax import plan
+
+        devices = plan.gpu_topology_devices(args.gpu)
+        facts = {**facts, "platform": "gpu (compiled without one)", "device_kind": args.gpu}
     results: dict[bool, dict[int, float]] = {}
     for scan in scans:
         cfgs = {}
@@ -82,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[int, list[dict[str, float]]] = {d: [] for d in depths}
         for _ in range(args.repeats):
             for depth in depths:
-                runs[depth].append(compile_step(cfgs[depth][0]))
+                runs[depth].append(compile_step(cfgs[depth][0], devices))
         for depth in depths:
             cfg, name = cfgs[depth]
             med = {k: float(np.median([r[k] for r in runs[depth]])) for k in runs[depth][0]}

@@ -98,3 +98,16 @@ def test_planner_sizes_a_sharded_step_for_eight_gpus():
 def test_gpu_topology_names_are_checked():
     with pytest.raises(ConfigError, match="positive integer"):
         plan.topology_devices("h200:zero")
+
+
+def test_gpu_compile_benchmark_reads_a_bert_step(capsys):
+    from benchmarks import gpu_compile
+
+    devices = plan.gpu_topology_devices("h100")
+    compiled = gpu_compile.lmflax_step(
+        "benchmarks/bench_configs/tiny.py:bert", [], devices, packed=True
+    )
+    s = gpu_compile.hlo_summary(compiled.as_text())
+    # BERT's padding mask reaches cuDNN as a bias; 2 layers, forward and backward.
+    assert s["cudnn_attention"] == 4 and s["cudnn_attention_with_bias"] == 4, s
+    assert s["launches"] > s["fusions"] > 0
