@@ -7,8 +7,9 @@ read from the optimised HLO.
 
 Counts what one step launches (top-level fusions, library calls and copies, a while loop's body
 times its trip count), the cuDNN attention calls and whether they read a bias, the copies of
-whole state arrays (a sign the donated buffers are not updated in place), and XLA's temporary
-memory. This is structure, not speed: without the device XLA:GPU picks kernels by heuristics
+whole state arrays (a sign the donated buffers are not updated in place), the bytes those kernels
+read and write (every operand and result counted whole: an upper estimate of HBM traffic), and
+XLA's temporary memory. This is structure, not speed: without the device XLA:GPU picks kernels by heuristics
 rather than autotuning and reports no FLOP or time estimate. It needs jax's CUDA plugin and
 nvidia-cudnn-cu12 (both in the test extra); nothing else about the GPU.
 """
@@ -30,7 +31,63 @@ import numpy as np
 
 from benchmarks import common
 
-_OP = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? (fusion|custom-call|copy|while)\(")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z\-]+)\((.*)$")
+
+
+def _bytes(shape: str) -> int:
+    """Bytes of an HLO shape text (a tuple counts all its elements)."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES.get(dtype, 8 if dtype.endswith("64") else 4)
+    return total
+
+
+def _sliced(body: list[str], out_bytes: int, in_bytes: list[int]) -> tuple[int, list[int]]:
+    """A fusion's bytes when it only slices some operands (a scanned layer's weights out of the
+    stacked array, a chunk out of a batch) or updates a slice of its result in place: the slices
+    count, not the whole arrays."""
+    params: dict[str, int] = {}
+    uses: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    root_update = None
+    for line in body:
+        d = _DEF.match(line)
+        if not d:
+            continue
+        var, shape, op, rest = d.groups()
+        if op == "parameter":
+            params[var] = int(rest.split(")", 1)[0])
+            continue
+        args = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        for i, a in enumerate(args):
+            uses[a].append((op if i == 0 else "operand", _bytes(shape)))
+        if op == "dynamic-update-slice" and line.lstrip().startswith("ROOT") and args:
+            root_update = (args[0], args[1] if len(args) > 1 else None)
+    sizes = dict(enumerate(in_bytes))
+    for var, index in params.items():
+        if index >= len(in_bytes):
+            continue
+        kinds = uses.get(var, [])
+        if kinds and all(k in ("dynamic-slice", "slice") for k, _ in kinds):
+            sizes[index] = sum(b for _, b in kinds)
+    if root_update is not None:
+        target, update = root_update
+        update_bytes = next(
+            (
+                _bytes(d.group(2))
+                for line in body
+                if (d := _DEF.match(line)) and d.group(1) == update
+            ),
+            None,
+        )
+        if target in params and update_bytes is not None:
+            sizes[params[target]] = 0  # updated in place
+            out_bytes = update_bytes
+    return out_bytes, [sizes[i] for i in range(len(in_bytes))]
 
 
 def _computations(hlo: str) -> dict[str, list[str]]:
@@ -49,23 +106,30 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 
 
 def hlo_summary(hlo: str) -> dict[str, Any]:
-    """Kernel launches per step and what they are, read from optimised XLA:GPU HLO text."""
+    """Kernel launches per step and what they are, read from optimised XLA:GPU HLO text, and
+    the bytes those kernels read and write (each operand and result counted whole: an upper
+    estimate of HBM traffic, comparable between steps compiled the same way)."""
     comps = _computations(hlo)
     launches: collections.Counter[str] = collections.Counter()
     copies = 0
+    moved = 0
 
     def walk(name: str, times: int) -> None:
-        nonlocal copies
+        nonlocal copies, moved
+        sizes: dict[str, int] = {}
         for line in comps.get(name, []):
-            m = _OP.match(line)
-            if not m:
+            d = _DEF.match(line)
+            if not d:
                 continue
-            op = m.group(1)
+            var, shape, op, rest = d.groups()
+            sizes[var] = _bytes(shape)
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", line)
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
                 if body:
                     walk(body.group(1), times * (int(trips.group(1)) if trips else 1))
+                continue
+            if op not in ("fusion", "custom-call", "copy"):
                 continue
             if op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', line)
@@ -74,6 +138,12 @@ def hlo_summary(hlo: str) -> dict[str, Any]:
                 launches[op] += times
             if op == "copy":
                 copies += times
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+            out_bytes, in_bytes = sizes[var], [sizes.get(o, 0) for o in operands]
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            if op == "fusion" and called:
+                out_bytes, in_bytes = _sliced(comps.get(called.group(1), []), out_bytes, in_bytes)
+            moved += times * (out_bytes + sum(in_bytes))
 
     walk("ENTRY", 1)
     fmha = {k: v for k, v in launches.items() if k.startswith("__cudnn$fmha")}
@@ -83,6 +153,8 @@ def hlo_summary(hlo: str) -> dict[str, Any]:
         "copies": copies,
         "cudnn_attention": sum(fmha.values()),
         "cudnn_attention_with_bias": sum(v for k, v in fmha.items() if "Bias" in k),
+        "kernel_bytes": moved,
+        "kernel_gib": round(moved / 2**30, 2),
         "library_calls": {k: v for k, v in launches.items() if k not in ("fusion", "copy")},
     }
 
@@ -220,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
     print(
-        f"\n| step, compiled for {args.gpu} | launches | fusions | copies | cuDNN attn (bias) "
-        "| temp GiB |\n|---|---|---|---|---|---|"
+        f"\n| step, compiled for {args.gpu} | launches | copies | cuDNN attn (bias) "
+        "| kernel GiB | temp GiB |\n|---|---|---|---|---|---|"
     )
     for r in rows:
         print(
-            f"| {r['what']} | {r['launches']} | {r['fusions']} | {r['copies']} | "
-            f"{r['cudnn_attention']} ({r['cudnn_attention_with_bias']}) | {r['temp_gib']} |"
+            f"| {r['what']} | {r['launches']} | {r['copies']} | {r['cudnn_attention']} "
+            f"({r['cudnn_attention_with_bias']}) | {r['kernel_gib']} | {r['temp_gib']} |"
         )
     return 0
 

@@ -81,3 +81,62 @@ def test_side_by_side_summary_ratios_and_targets(tmp_path):
     assert [s["status"] for s in status] == ["exit 0", "skipped (budget)"]
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == [{"what": "x", "v": 1, "job": "echo"}]
+
+
+def test_gpu_hlo_summary_counts_launches_bytes_and_loop_trips():
+    from benchmarks.gpu_compile import hlo_summary
+
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %p = (s32[], f32[256]{0}) parameter(0)
+  %x = f32[256]{0} get-tuple-element(%p), index=1
+  %f = f32[256]{0} fusion(%x), kind=kLoop, calls=%g
+  ROOT %t = (s32[], f32[256]{0}) tuple(%i, %f)
+}
+
+ENTRY %main (a: bf16[4,8], b: f32[256]) -> f32[256] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %b = f32[256]{0} parameter(1)
+  %c = (bf16[4,8]{1,0}, f32[4]{0}) custom-call(%a, %a), custom_call_target="__cudnn$fmhaScaleBiasSoftmax"
+  %d = bf16[4,8]{1,0} copy(%a)
+  %w = (s32[], f32[256]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = f32[256]{0} fusion(%b, %d), kind=kInput, calls=%h
+}
+"""
+    s = hlo_summary(hlo)
+    assert s["launches"] == 1 + 1 + 3 + 1  # custom call, copy, 3 trips of the body, fusion
+    assert (s["fusions"], s["copies"]) == (4, 1)
+    assert (s["cudnn_attention"], s["cudnn_attention_with_bias"]) == (1, 1)
+    # bytes: call (64 + 16 out, 64 + 64 in) + copy (64 + 64) + 3 × (1024 + 1024) + (1024 + 1024 + 64)
+    expected = (64 + 16 + 128) + 128 + 3 * 2048 + 2112
+    assert s["kernel_bytes"] == expected
+
+
+def test_gpu_hlo_summary_counts_slices_not_whole_stacked_arrays():
+    from benchmarks.gpu_compile import hlo_summary
+
+    # A scanned layer's fusion reads one [256] row of a [24, 256] stack and writes one row of
+    # another in place: 2 × 1 KiB per trip, not 2 × 24 KiB.
+    hlo = """HloModule m
+
+%take (param_0.1: f32[24,256], param_1.1: s32[], param_2.1: f32[24,256]) -> f32[24,256] {
+  %param_0.1 = f32[24,256]{1,0} parameter(0)
+  %param_1.1 = s32[] parameter(1)
+  %param_2.1 = f32[24,256]{1,0} parameter(2)
+  %z = s32[] constant(0)
+  %row = f32[1,256]{1,0} dynamic-slice(%param_0.1, %param_1.1, %z), dynamic_slice_sizes={1,256}
+  %neg = f32[1,256]{1,0} negate(%row)
+  ROOT %upd = f32[24,256]{1,0} dynamic-update-slice(%param_2.1, %neg, %param_1.1, %z)
+}
+
+ENTRY %main (w: f32[24,256], i: s32[], acc: f32[24,256]) -> f32[24,256] {
+  %w = f32[24,256]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %acc = f32[24,256]{1,0} parameter(2)
+  ROOT %f = f32[24,256]{1,0} fusion(%w, %i, %acc), kind=kLoop, calls=%take
+}
+"""
+    s = hlo_summary(hlo)
+    assert s["launches"] == 1
+    assert s["kernel_bytes"] == 1024 + 4 + 0 + 1024  # row read, index, in-place buffer, row write

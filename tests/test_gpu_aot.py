@@ -72,6 +72,10 @@ def test_gpt_step_uses_cudnn_causal_mode_and_updates_state_in_place():
     )
     assert n_state == 0, "state arrays are copied each step instead of updated in place"
     assert s["copies"] < 10, s
+    # AdamW reads gradients, parameters, mu and nu and writes the last three: at least 7 × 4
+    # bytes per parameter go through the kernels the estimate counts.
+    n_params = mem.alias_size_in_bytes // (3 * 4)  # params, mu, nu (float32) are donated
+    assert s["kernel_bytes"] >= 7 * 4 * n_params, s
 
 
 def test_packed_gpt_step_passes_segments_to_cudnn_as_a_bias():
