@@ -171,16 +171,22 @@ def _record(name: str, compiled: Any, compile_s: float) -> dict[str, Any]:
     }
 
 
-def lmflax_step(spec: str, overrides: list[str], devices: list[Any], packed: bool) -> Any:
-    """lmflax's real train step for `spec`, compiled for `devices` on the benchmark's batches."""
+def compile_lmflax(cfg: Any, devices: list[Any], *, packed: bool) -> Any:
+    """lmflax's real train step for `cfg`, compiled for `devices` on the benchmark's batches
+    (whole sequences, or packed documents with their segment ids / padding masks)."""
     from benchmarks.train_throughput import synthetic_batch
     from lmflax import plan
     from lmflax.train.loop import Trainer
 
-    cfg, _ = common.load_config(spec, overrides)
     trainer = Trainer.create(cfg, init=False, devices=devices)
     example = synthetic_batch(cfg, 1, np.random.default_rng(0), packed=packed)
     return plan.compile_train_step(trainer, example)
+
+
+def lmflax_step(spec: str, overrides: list[str], devices: list[Any], packed: bool) -> Any:
+    """`compile_lmflax` for the config file `spec` (FILE[:ARG]) with overrides."""
+    cfg, _ = common.load_config(spec, overrides)
+    return compile_lmflax(cfg, devices, packed=packed)
 
 
 def peer_step(peers: Path, which: str, devices: list[Any]) -> Any:

@@ -63,17 +63,17 @@ CHIPS = {
 @dataclasses.dataclass(frozen=True)
 class GpuTarget:
     """What XLA:GPU needs to compile for an NVIDIA GPU it cannot query (its
-    GpuTargetConfigProto, the `--xla_gpu_target_config_filename` format)."""
+    GpuTargetConfigProto, the `--xla_gpu_target_config_filename` format); memory size and
+    bandwidth come from the chip's entry in CHIPS, keyed by `device_kind`."""
 
     device_kind: str
     core_count: int
-    memory_bandwidth: float  # bytes/s
     l2_cache_bytes: int
-    memory_bytes: int
     clock_ghz: float
     compute_capability: tuple[int, int]
 
     def proto_text(self) -> str:
+        chip = CHIPS[self.device_kind]
         major, minor = self.compute_capability
         info = {
             "threads_per_block_limit": 1024,
@@ -86,10 +86,10 @@ class GpuTarget:
             "block_dim_limit_x": 2**31 - 1,
             "block_dim_limit_y": 65535,
             "block_dim_limit_z": 65535,
-            "memory_bandwidth": int(self.memory_bandwidth),
+            "memory_bandwidth": int(chip.hbm_bandwidth),
             "l2_cache_size": self.l2_cache_bytes,
             "clock_rate_ghz": self.clock_ghz,
-            "device_memory_size": self.memory_bytes,
+            "device_memory_size": int(chip.hbm_bytes),
             "shared_memory_per_block_optin": 227 * 1024,
             "registers_per_core_limit": 65536,
             "registers_per_block_limit": 65536,
@@ -106,10 +106,8 @@ class GpuTarget:
 
 # --topology names for NVIDIA GPUs ('h200', or 'h200:8' for eight of them in one host).
 GPU_TARGETS = {
-    "h100": GpuTarget(
-        "NVIDIA H100 80GB HBM3", 132, 3350e9, 50 * 2**20, int(79.1 * GIB), 1.98, (9, 0)
-    ),
-    "h200": GpuTarget("NVIDIA H200", 132, 4800e9, 60 * 2**20, int(139.8 * GIB), 1.98, (9, 0)),
+    "h100": GpuTarget("NVIDIA H100 80GB HBM3", 132, 50 * 2**20, 1.98, (9, 0)),
+    "h200": GpuTarget("NVIDIA H200", 132, 60 * 2**20, 1.98, (9, 0)),
 }
 
 
@@ -368,11 +366,12 @@ def topology_devices(name: str) -> list[jax.Device]:
     'h200' with an optional ':N' GPU count ('h200:8')."""
     chip, _, count = name.partition(":")
     if chip.lower() in GPU_TARGETS:
-        if not (count or "1").isdigit() or int(count or 1) < 1:
+        count = count or "1"
+        if not count.isdigit() or int(count) < 1:
             raise ConfigError(
                 f"--topology={name!r}: the GPU count after ':' must be a positive integer"
             )
-        return gpu_topology_devices(chip.lower(), int(count or 1))
+        return gpu_topology_devices(chip.lower(), int(count))
     import importlib.util
 
     if importlib.util.find_spec("libtpu") is None:
@@ -394,14 +393,20 @@ def topology_devices(name: str) -> list[jax.Device]:
         ) from None
 
 
+def cuda_plugin_installed() -> bool:
+    """Whether jax's CUDA plugin (CUDA 12 or 13) is installed, which compiling for NVIDIA GPUs
+    needs; a GPU is not needed."""
+    import importlib.util
+
+    plugins = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+    return any(importlib.util.find_spec(p) is not None for p in plugins)
+
+
 def gpu_topology_devices(chip: str, count: int = 1) -> list[jax.Device]:
     """`count` compile-only NVIDIA GPUs of kind `chip` (a key of GPU_TARGETS) in one host, for
     XLA:GPU to compile for without a GPU here (jax's CUDA plugin must be installed: the test
     extra has it; cuDNN attention also needs the cuDNN library, nvidia-cudnn-cu12)."""
-    import importlib.util
-
-    plugins = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
-    if all(importlib.util.find_spec(p) is None for p in plugins):
+    if not cuda_plugin_installed():
         raise ConfigError(
             f"--topology={chip}: compiling for NVIDIA GPUs needs jax's CUDA plugin: pip install "
             "jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 (and nvidia-cudnn-cu12 for cuDNN "

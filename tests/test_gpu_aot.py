@@ -11,20 +11,16 @@ GPU topology."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
-import numpy as np
 import pytest
 
-from benchmarks.gpu_compile import hlo_summary
-from benchmarks.train_throughput import synthetic_batch
+from benchmarks.gpu_compile import compile_lmflax, hlo_summary
 from lmflax import plan
 from lmflax.config import Config, ConfigError, override, validate
 from lmflax.models import PRESETS
-from lmflax.train.loop import Trainer
 
 pytestmark = pytest.mark.skipif(
-    all(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is None for v in (12, 13)),
+    not plan.cuda_plugin_installed(),
     reason="jax's CUDA plugin is not installed (pip install -e '.[test]' installs it)",
 )
 
@@ -49,11 +45,8 @@ def _cfg(**model: object) -> Config:
     )
 
 
-def _compiled_hlo(cfg: Config, *, packed: bool, devices: list | None = None) -> tuple[str, object]:
-    devices = devices or plan.gpu_topology_devices("h200")
-    trainer = Trainer.create(cfg, init=False, devices=devices)
-    example = synthetic_batch(cfg, 1, np.random.default_rng(0), packed=packed)
-    compiled = plan.compile_train_step(trainer, example)
+def _compiled_hlo(cfg: Config, *, packed: bool) -> tuple[str, object]:
+    compiled = compile_lmflax(cfg, plan.gpu_topology_devices("h200"), packed=packed)
     return compiled.as_text(), compiled
 
 
