@@ -51,11 +51,12 @@ def split_overrides(
 def load_config(spec: str, overrides: Sequence[str]) -> tuple[Any, str]:
     """A validated lmflax config from FILE[:ARG] plus overrides; exits 2 with the message on a
     bad config (as train.py does)."""
-    from lmflax.config import ConfigError, apply_overrides, load_config_file, validate
+    from lmflax.config import ConfigError, apply_overrides, load_config_file
+    from lmflax.train import resolve
 
     try:
         cfg, name = load_config_file(spec)
-        return validate(apply_overrides(cfg, overrides)), name
+        return resolve(apply_overrides(cfg, overrides)), name
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

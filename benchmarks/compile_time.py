@@ -32,7 +32,7 @@ def compile_step(cfg: Any, devices: list[Any] | None = None) -> dict[str, float]
     `devices` (default this machine's)."""
     import jax
 
-    from lmflax.train.loop import Trainer
+    from lmflax.train import Trainer
 
     trainer = Trainer.create(cfg, init=False, devices=devices)
     arrays = trainer.abstract_for_restore()
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = common.device_facts()
     devices = None
     if args.gpu:
-        from lmflax import plan
+        from lmflax.train import plan
 
         devices = plan.gpu_topology_devices(args.gpu)
         facts = {**facts, "platform": "gpu (compiled without one)", "device_kind": args.gpu}

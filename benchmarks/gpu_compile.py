@@ -175,8 +175,7 @@ def compile_lmflax(cfg: Any, devices: list[Any], *, packed: bool) -> Any:
     """lmflax's real train step for `cfg`, compiled for `devices` on the benchmark's batches
     (whole sequences, or packed documents with their segment ids / padding masks)."""
     from benchmarks.train_throughput import synthetic_batch
-    from lmflax import plan
-    from lmflax.train.loop import Trainer
+    from lmflax.train import Trainer, plan
 
     trainer = Trainer.create(cfg, init=False, devices=devices)
     example = synthetic_batch(cfg, 1, np.random.default_rng(0), packed=packed)
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated job names (default: all)")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     args, overrides = common.split_overrides(parser, sys.argv[1:] if argv is None else argv)
-    from lmflax import plan
+    from lmflax.train import plan
 
     args.devices = plan.gpu_topology_devices(args.gpu)
     todo = jobs(args, overrides)

@@ -89,7 +89,7 @@ def run(
     """Builds, compiles and times the train step of `cfg`; returns the result record."""
     import jax
 
-    from lmflax.train.loop import Trainer
+    from lmflax.train import Trainer
 
     common.no_persistent_cache()
     facts = common.device_facts()

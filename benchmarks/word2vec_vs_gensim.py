@@ -64,9 +64,9 @@ def _train_gensim(sentences, args, seed: int):
 
 
 def _train_lmflax(args, data_dir: str, total_words: int):
-    from lmflax.config import load_config_file, override, validate
-    from lmflax.train.loop import run
-    from lmflax.vectors import from_workdir
+    from lmflax.cli.vectors import from_workdir
+    from lmflax.config import load_config_file, override
+    from lmflax.train import resolve, run
 
     cfg, _ = load_config_file(str(Path(__file__).resolve().parent.parent / "configs/word2vec.py"))
     cfg = override(
@@ -99,7 +99,7 @@ def _train_lmflax(args, data_dir: str, total_words: int):
     words = sum(float(next(it)["words"].sum()) for _ in range(30))
     per_example = words / (30 * cfg.data.batch_size)
     steps = math.ceil(args.epochs * total_words / (per_example * cfg.data.batch_size))
-    cfg = validate(override(cfg, {"train.steps": steps}))
+    cfg = resolve(override(cfg, {"train.steps": steps}))
     workdir = tempfile.mkdtemp(prefix="w2v-bench-")
     t = time.perf_counter()
     run(cfg, workdir, config_name="word2vec")

@@ -16,19 +16,16 @@ Benchmarks, in their standard formats:
 - analogies (Google's questions-words.txt, BATS in the same layout): ": section" lines, then
   "a b c d" lines meaning a : b :: c : d.
 
-Command line:
-  python -m lmflax.vectors export --workdir=runs/word2vec --out=vectors.txt [--binary]
-  python -m lmflax.vectors neighbors FILE_OR_WORKDIR WORD [WORD ...]
-  python -m lmflax.vectors evaluate FILE_OR_WORKDIR [--similarity=F ...] [--analogies=F ...]
+Command line (lmflax.cli.vectors):
+  lmflax vectors export --workdir=runs/word2vec --out=vectors.txt [--binary]
+  lmflax vectors neighbors FILE_OR_WORKDIR WORD [WORD ...]
+  lmflax vectors evaluate FILE_OR_WORKDIR [--similarity=F ...] [--analogies=F ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import re
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmflax.nn import Embed
+from lmflax.nn import Embed, unbox
 
 log = logging.getLogger(__name__)
 
@@ -369,8 +366,6 @@ def pretrained_embed(
 def embed_table(variables: Any) -> np.ndarray:
     """The [V, D] table of an Embed's variables ({'params': {'embedding': ...}}, the params
     alone, or the array), unboxed from logical-partitioning metadata."""
-    from lmflax.nn import unbox
-
     node = unbox(variables)
     for key in ("params", "embedding"):
         if isinstance(node, dict) and key in node:
@@ -493,7 +488,7 @@ def evaluate_similarity(
 ) -> SimilarityResult:
     """Spearman correlation between cosine similarity and the file's human scores, over the
     pairs whose words both have vectors."""
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # deferred: scipy.stats takes ~1 s to import
 
     model, human, oov = [], [], 0
     u = vectors.unit
@@ -584,76 +579,3 @@ def evaluate_analogies(
         oov=oov,
         sections=sections,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs and the command line
-
-
-def from_workdir(workdir: str | Path) -> WordVectors:
-    """The word vectors of a trained word2vec run (its newest checkpoint)."""
-    from lmflax.train.restore import load_run
-
-    run = load_run(workdir)
-    if not hasattr(run.task, "word_vectors"):
-        raise ValueError(
-            f"{workdir} holds a {run.cfg.task.name!r} run; word vectors come from a word2vec run"
-        )
-    return run.task.word_vectors(run.params)
-
-
-def _load(source: str) -> WordVectors:
-    p = Path(source)
-    if p.is_dir():
-        return from_workdir(p)
-    return read_vectors(p)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmflax.vectors", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write a word2vec run's vectors to a file")
-    ex.add_argument("--workdir", required=True)
-    ex.add_argument("--out", required=True)
-    ex.add_argument("--binary", action="store_true", help="word2vec binary instead of text")
-    nb = sub.add_parser("neighbors", help="nearest neighbours of words")
-    nb.add_argument("source", help="a vector file or a word2vec workdir")
-    nb.add_argument("words", nargs="+", help="words, or a:b::c for an analogy")
-    nb.add_argument("-k", type=int, default=10)
-    ev = sub.add_parser("evaluate", help="word-similarity and analogy benchmarks")
-    ev.add_argument("source", help="a vector file or a word2vec workdir")
-    ev.add_argument("--similarity", action="append", default=[], help="word-pairs file")
-    ev.add_argument("--analogies", action="append", default=[], help="questions file")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(message)s")
-    try:
-        if args.command == "export":
-            wv = from_workdir(args.workdir)
-            write_vectors(args.out, wv, binary=args.binary)
-            print(f"wrote {len(wv)} vectors of dimension {wv.dim} to {args.out}")
-            return 0
-        wv = _load(args.source)
-        if args.command == "neighbors":
-            for query in args.words:
-                m = re.fullmatch(r"([^:]+):([^:]+)::([^:]+)", query)
-                if m:
-                    near = analogy(wv, *m.groups(), k=args.k)
-                else:
-                    near = nearest(wv, query, args.k)
-                print(f"{query}: " + ", ".join(f"{w} {s:.3f}" for w, s in near))
-            return 0
-        for f in args.similarity:
-            r = evaluate_similarity(wv, f)
-            print(f"{f}: Spearman {r.spearman:.4f} over {r.pairs} pairs ({r.oov} skipped)")
-        for f in args.analogies:
-            r = evaluate_analogies(wv, f)
-            print(f"{f}: accuracy {r.accuracy:.4f} ({r.correct}/{r.total}, {r.oov} skipped)")
-        return 0
-    except (VectorFileError, KeyError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

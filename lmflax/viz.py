@@ -1,9 +1,10 @@
 """Pictures of what a model learned: attention heatmaps and 2-D projections of word vectors.
 
-  python -m lmflax.viz --workdir=runs/gpt_tiny --sentence="def add(a, b): return a + b"
-  python -m lmflax.viz --workdir=runs/word2vec --words=list,tuple,dict,str,int,float,bytes
+  lmflax viz attention --workdir=runs/gpt_tiny --sentence="def add(a, b): return a + b"
+  lmflax viz attention --workdir=runs/word2vec --words=list,tuple,dict,str,int,float,bytes
 
-For a Transformer run it writes one heatmap PNG per chosen layer and head (queries down, keys
+The functions here draw from arrays (`plot_attention`, `plot_pca`, `run_with_attention`);
+`lmflax.cli.viz` opens a run and picks what to draw: for a Transformer run it writes one heatmap PNG per chosen layer and head (queries down, keys
 across, tokens on both axes) and a PCA projection of the sentence's token embeddings; for a
 word2vec run, the PCA projection of the chosen words' vectors. Drawing uses matplotlib's Agg
 backend (no display). Attention weights come from the modules' 'intermediates' (see
@@ -12,9 +13,7 @@ backend (no display). Attention weights come from the modules' 'intermediates' (
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -165,159 +164,3 @@ def plot_pca(
 
 # ---------------------------------------------------------------------------------------------
 # The command
-
-
-def _token_ids(tokenizer: Any, sentence: str) -> list[int]:
-    ids = tokenizer.encode(sentence)
-    if getattr(tokenizer, "cls_id", None) is not None and tokenizer.sep_id is not None:
-        return [tokenizer.cls_id, *ids, tokenizer.sep_id]  # BERT's framing
-    if getattr(tokenizer, "eos_id", None) is not None:
-        return [tokenizer.eos_id, *ids]  # GPT's: documents start with <eos>
-    return ids
-
-
-def _token_table(params: Any) -> np.ndarray | None:
-    """The token embedding table ([V, D], the first 'token_embed' in the tree)."""
-    stack = [params]
-    while stack:
-        node = stack.pop(0)
-        if isinstance(node, dict) or hasattr(node, "items"):
-            if "token_embed" in node:
-                return np.asarray(jax.device_get(node["token_embed"]["embedding"]))
-            stack.extend(node.values())
-    return None
-
-
-def _select(spec: str, count: int, what: str) -> list[int]:
-    if spec == "all":
-        return list(range(count))
-    try:
-        picks = [int(x) for x in spec.split(",")]
-    except ValueError:
-        raise ValueError(f"--{what} takes 'all' or comma-separated numbers, got {spec!r}") from None
-    for p in picks:
-        if not -count <= p < count:
-            raise ValueError(f"--{what} {p} is out of range: the model has {count}")
-    return [p % count for p in picks]
-
-
-def visualize(
-    workdir: str | Path,
-    sentence: str | None = None,
-    *,
-    out: str | Path | None = None,
-    layers: str = "0",
-    heads: str = "0",
-    words: Sequence[str] | None = None,
-    size: tuple[int, int] = (640, 640),
-) -> list[Path]:
-    """Writes the pictures for the run in `workdir` (see the module docstring); returns them."""
-    import jax.numpy as jnp
-
-    from lmflax.train.restore import load_run
-
-    run = load_run(workdir)
-    out = Path(out or Path(workdir) / "viz")
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    task, params = run.task, run.params
-    if hasattr(task, "word_vectors"):  # word2vec: vectors only
-        wv = task.word_vectors(params)
-        from lmflax.data.word2vec import split_words
-
-        lowercase = bool(getattr(task.cfg.model, "lowercase", True))
-        chosen = list(words) if words else split_words(sentence or "", lowercase)
-        known = [w for w in dict.fromkeys(chosen) if w in wv]
-        if len(known) < 2:
-            known = list(wv.words[:30])
-            log.warning("fewer than 2 chosen words have vectors; showing the 30 most frequent")
-        written.append(
-            plot_pca(
-                np.stack([wv[w] for w in known]),
-                known,
-                out / "word_vectors_pca.png",
-                title=f"word2vec vectors, step {run.step} (PCA)",
-                size=size,
-            )
-        )
-        return written
-    if not sentence:
-        raise ValueError("a Transformer run needs --sentence to draw its attention")
-    tok = task.tokenizer
-    ids = _token_ids(tok, sentence)
-    tokens = [tok.decode([i], skip_special_tokens=False) for i in ids]
-    arr = jnp.asarray([ids], jnp.int32)
-    _, maps = run_with_attention(task.model, params, arr)
-    if not maps:
-        raise ValueError(f"the {type(task.model).__name__} model sowed no attention weights")
-    for l in _select(layers, len(maps), "layer"):
-        name, w = maps[l]
-        for h in _select(heads, w.shape[1], "head"):
-            written.append(
-                plot_attention(
-                    w[0, h],
-                    tokens,
-                    tokens,
-                    out / f"attention_layer{l}_head{h}.png",
-                    title=f"{name}, head {h} (step {run.step})",
-                    size=size,
-                )
-            )
-    table = _token_table(params)
-    chosen = [tokens[i] for i in range(len(ids))]
-    uniq = list(dict.fromkeys(zip(ids, chosen)))
-    if table is not None and len(uniq) >= 2:
-        written.append(
-            plot_pca(
-                table[[i for i, _ in uniq]],
-                [t for _, t in uniq],
-                out / "token_embeddings_pca.png",
-                title=f"token embeddings of the sentence, step {run.step} (PCA)",
-                size=size,
-            )
-        )
-    return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lmflax.viz",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--workdir", required=True, help="a run directory (train.py --workdir)")
-    parser.add_argument("--sentence", default=None, help="the text to run through the model")
-    parser.add_argument("--out", default=None, help="where to write (default WORKDIR/viz)")
-    parser.add_argument("--layer", default="0", help="layer index(es) or 'all' (default 0)")
-    parser.add_argument("--head", default="0", help="head index(es) or 'all' (default 0)")
-    parser.add_argument("--words", default=None, help="comma-separated words for the PCA plot")
-    parser.add_argument("--size", default="640x640", help="image size in pixels, WxH")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(message)s")
-    try:
-        w, _, h = args.size.partition("x")
-        size = (int(w), int(h))
-    except ValueError:
-        print(f"error: --size takes WxH in pixels, got {args.size!r}", file=sys.stderr)
-        return 2
-    words = [x for x in args.words.split(",") if x] if args.words else None
-    try:
-        paths = visualize(
-            args.workdir,
-            args.sentence,
-            out=args.out,
-            layers=args.layer,
-            heads=args.head,
-            words=words,
-            size=size,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for p in paths:
-        print(p)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

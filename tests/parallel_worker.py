@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lmflax.config import load_config_file, override  # noqa: E402
-from lmflax.train.losses import finalize  # noqa: E402
+from lmflax.core.losses import finalize  # noqa: E402
 
 MESHES = {
     "data=8": {"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1},
@@ -118,8 +118,7 @@ def _local_bytes(tree) -> int:
 def meshes() -> dict:
     import flax.linen as nn
 
-    from lmflax import plan
-    from lmflax.train.loop import Trainer
+    from lmflax.train import Trainer, plan
 
     assert jax.device_count() == 8, jax.devices()
     out: dict = {"losses": {}, "shardings": {}, "mesh_shape": {}}
@@ -217,8 +216,8 @@ def restore(src: str, step: int, meshes: str, dst: str, cont: str, values: str) 
     (';'-separated) and checks shardings and values (against the first mesh's restore, and
     saves the last one to `values`); then copies checkpoint `step` of the run in `cont` to a new
     run in `dst` and lets the training loop continue it on the last mesh to the end."""
+    from lmflax.train import Trainer, run
     from lmflax.train.checkpoint import Checkpointer
-    from lmflax.train.loop import Trainer, run
 
     out: dict = {"devices": jax.device_count(), "meshes": {}}
     first = None

@@ -11,6 +11,8 @@ import pytest
 
 from lmflax import config as cfglib
 from lmflax.models import PRESETS
+from lmflax.parallel import validate_devices
+from lmflax.train import resolve
 
 from .conftest import ROOT
 
@@ -91,20 +93,20 @@ def test_bad_values_name_the_field():
 )
 def test_impossible_values(updates, expected):
     with pytest.raises(cfglib.ConfigError, match=expected):
-        cfglib.validate(cfglib.override(_base(), updates))
+        resolve(cfglib.override(_base(), updates))
 
 
 def test_device_checks():
     cfg = cfglib.override(_base(), {"mesh.data": 2, "mesh.fsdp": 2})
     with pytest.raises(cfglib.ConfigError, match="= 4 but there are 8 devices"):
-        cfglib.validate_devices(cfg, 8)
+        validate_devices(cfg, 8)
     cfg = cfglib.override(_base(), {"data.batch_size": 12, "mesh.data": 8})
     with pytest.raises(
         cfglib.ConfigError,
         match=r"data.batch_size=12\) must be divisible by the data-parallel size data×fsdp = 8",
     ):
-        cfglib.validate_devices(cfg, 8)
-    assert cfglib.validate_devices(cfglib.override(_base(), {"mesh.tensor": 2}), 8) == {
+        validate_devices(cfg, 8)
+    assert validate_devices(cfglib.override(_base(), {"mesh.tensor": 2}), 8) == {
         "data": 4,
         "fsdp": 1,
         "tensor": 2,

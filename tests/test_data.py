@@ -39,9 +39,9 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 def test_text_errors():
     with pytest.raises(DataError, match="not valid UTF-8"):
-        pipeline._text_of({"text": b"ok \xff\xfe bad"}, "text", 12)
+        pipeline.text_of({"text": b"ok \xff\xfe bad"}, "text", 12)
     with pytest.raises(DataError, match="has no text feature 'body'"):
-        pipeline._text_of({"text": b"x"}, "body", 0)
+        pipeline.text_of({"text": b"x"}, "body", 0)
 
 
 def test_bpe_round_trip_and_wordpiece_specials():
@@ -62,12 +62,12 @@ def test_tokenizer_larger_than_model_vocab_is_refused(data_dir, tmp_path):
     assert Tokenizer.from_file(path).vocab_size > 100
     cfg = _cfg(data_dir, **{"data.tokenizer": str(path)})
     with pytest.raises(DataError, match="ids would fall outside the embedding table"):
-        pipeline.load_tokenizer(cfg.data, 100)
+        pipeline.tokenizer_for(cfg.data, 100)
 
 
 def test_causal_batches(data_dir):
     cfg = _cfg(data_dir)
-    tok = pipeline.load_tokenizer(cfg.data, cfg.model.vocab_size)
+    tok = pipeline.tokenizer_for(cfg.data, cfg.model.vocab_size)
     it = iter(pipeline.causal_lm_dataset(cfg, tok, "train", seed=0, batch_size=4))
     for _ in range(3):
         b = next(it)
@@ -85,7 +85,7 @@ def test_causal_batches(data_dir):
 
 def test_mlm_batches(data_dir):
     cfg = _cfg(data_dir, "bert_tiny")
-    tok = pipeline.load_tokenizer(cfg.data, cfg.model.vocab_size, "wordpiece")
+    tok = pipeline.tokenizer_for(cfg.data, cfg.model.vocab_size, "wordpiece")
     it = iter(pipeline.mlm_dataset(cfg, tok, "train", seed=0, batch_size=8))
     b = next(it)
     assert set(b) == {"inputs", "targets", "weights", "attention_mask"}
@@ -123,7 +123,7 @@ def test_causal_document():
 def test_pipeline_resumes_exactly(data_dir, name):
     cfg = _cfg(data_dir, name, **{"data.seq_len": 64})
     kind = "wordpiece" if name == "bert_tiny" else "bpe"
-    tok = pipeline.load_tokenizer(cfg.data, cfg.model.vocab_size, kind)
+    tok = pipeline.tokenizer_for(cfg.data, cfg.model.vocab_size, kind)
     make = pipeline.mlm_dataset if name == "bert_tiny" else pipeline.causal_lm_dataset
     it = iter(make(cfg, tok, "train", seed=3, batch_size=8))
     for _ in range(5):

@@ -496,7 +496,7 @@ EXPECTED_KEYS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED_KEYS))
 def test_task_config_runs_end_to_end_under_mock_data(name, tmp_path, capsys):
-    from lmflax.train.loop import run
+    from lmflax.train import run
 
     n = 12  # fewer than a batch of 16: the one eval batch is padded with weight-0 rows
     cfg = tiny_config(name, tmp_path, **{"train.steps": 4, "train.eval_every": 2})
@@ -523,10 +523,13 @@ def test_task_config_runs_end_to_end_under_mock_data(name, tmp_path, capsys):
 
 
 def test_eval_only_without_a_checkpoint_evaluates_fresh_parameters(tmp_path, capsys):
+    """Only when asked (--fresh): a mistyped workdir is refused, not evaluated at random."""
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
         argv = ["--config=imdb", f"--workdir={tmp_path / 'none'}", "--eval_only"]
         argv += [f"--config.{k}={v}" for k, v in {**TINY, "data.data_dir": tmp_path}.items()]
         rc, out = _train(argv, capsys)
+        assert rc == 2 and "no finished checkpoint" in out.err and "--fresh" in out.err
+        rc, out = _train([*argv, "--fresh"], capsys)
     assert rc == 0, out.err
     result = json.loads(out.out.strip().splitlines()[-1])
     assert result["source"].startswith("fresh parameters") and result["eval"]["examples"] == 6
@@ -586,7 +589,7 @@ def test_processes_split_eval_rows_and_their_counts_add_up(tmp_path):
     ],
 )
 def test_learns_synthetic_task(name, steps, metric, threshold, tmp_path):
-    from lmflax.train.loop import run
+    from lmflax.train import run
 
     cfg = tiny_config(name, tmp_path, **{"train.steps": steps, "train.log_every": 20})
     source = synthetic_source(n_train=2000, n_eval=200)

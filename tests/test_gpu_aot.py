@@ -15,9 +15,9 @@ import dataclasses
 import pytest
 
 from benchmarks.gpu_compile import compile_lmflax, hlo_summary
-from lmflax import plan
-from lmflax.config import Config, ConfigError, override, validate
+from lmflax.config import Config, ConfigError, override
 from lmflax.models import PRESETS
+from lmflax.train import plan, resolve
 
 pytestmark = pytest.mark.skipif(
     not plan.cuda_plugin_installed(),
@@ -37,7 +37,7 @@ def _cfg(**model: object) -> Config:
         dropout_rate=0.0,
         attention_dropout_rate=0.0,
     )
-    return validate(
+    return resolve(
         override(
             Config(model=dataclasses.replace(base, **model)),
             {"data.batch_size": 4, "data.seq_len": 128},
@@ -86,7 +86,7 @@ def test_float32_model_falls_back_to_xla_attention_on_the_gpu(caplog):
 
 def test_planner_sizes_a_sharded_step_for_eight_gpus():
     cfg = override(_cfg(), {"mesh.data": 2, "mesh.fsdp": 4, "data.batch_size": 8})
-    p, report = plan.main(validate(cfg), topology="h200:8")
+    p, report = plan.main(resolve(cfg), topology="h200:8")
     assert p.devices == 8 and p.device_kind == "NVIDIA H200"
     assert "fits the h200 chip's" in report
     assert 0 < p.param_bytes < p.params * 4  # fsdp shards the float32 parameters

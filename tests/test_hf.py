@@ -28,9 +28,10 @@ import pytest
 
 import lmflax
 from lmflax import hf
-from lmflax.config import ConfigError, apply_overrides, load_config_file, override, validate
+from lmflax.config import ConfigError, apply_overrides, load_config_file, override
 from lmflax.hf import CheckpointError
 from lmflax.models import GPT, BertConfig, BertForMaskedLM, BertModel, GPTConfig
+from lmflax.train import resolve
 
 from .conftest import ROOT, jitted
 
@@ -552,9 +553,9 @@ def _bert_cfg(path: Path):
 def test_init_from_starts_the_trainer_from_the_checkpoint(hf_bert):
     """`--config.model=hf:DIR`, as train.py parses it: Trainer.initialize (which train.py's
     loop calls for a new run) starts from exactly the checkpoint's weights."""
-    from lmflax.train.loop import Trainer
+    from lmflax.train import Trainer
 
-    cfg = validate(_bert_cfg(hf_bert))
+    cfg = resolve(_bert_cfg(hf_bert))
     assert cfg.model.init_from == f"hf:{hf_bert.resolve()}"
     trainer = Trainer.create(cfg)
     _, want = lmflax.from_pretrained(hf_bert)
@@ -570,9 +571,9 @@ def test_data_pipeline_reads_a_hf_tokenizer_without_its_saved_padding():
     """data.tokenizer=hf:DIR: all-MiniLM-L6-v2's tokenizer.json pads and truncates to 128;
     the pipeline's tokenizer must do neither (documents are packed), and keeps [MASK] etc."""
     from lmflax.config import DataConfig
-    from lmflax.data.pipeline import load_tokenizer
+    from lmflax.data.pipeline import tokenizer_for
 
-    tok = load_tokenizer(DataConfig(tokenizer=f"hf:{MINILM}"), vocab_size=30522)
+    tok = tokenizer_for(DataConfig(tokenizer=f"hf:{MINILM}"), vocab_size=30522)
     assert tok.encode("hello world") == [7592, 2088]
     assert len(tok.encode("word " * 300)) == 300
     assert (tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id) == (101, 102, 103, 0)
@@ -583,17 +584,17 @@ def test_init_from_config_mismatch_is_a_config_error(tiny):
     cfg, _ = load_config_file("bert_tiny")
     bad = override(cfg, {"model.init_from": f"hf:{path}"})
     with pytest.raises(ConfigError) as e:
-        validate(bad)
+        resolve(bad)
     msg = str(e.value)
     assert f"model.d_model is 128 but {path}/config.json has hidden_size=32" in msg
     assert "model.d_ff is 512 but" in msg and "intermediate_size=37" in msg
     gpt, _ = load_config_file("gpt_tiny")
     with pytest.raises(ConfigError, match=r"holds a BertForMaskedLM .* family is 'gpt'"):
-        validate(override(gpt, {"model.init_from": f"hf:{path}"}))
+        resolve(override(gpt, {"model.init_from": f"hf:{path}"}))
     with pytest.raises(ConfigError, match=r"accepted: 'hf:DIR'"):
-        validate(override(cfg, {"model.init_from": str(path)}))
+        resolve(override(cfg, {"model.init_from": str(path)}))
     with pytest.raises(ConfigError, match="does not exist"):
-        validate(override(cfg, {"model": f"hf:{path}/missing"}))
+        resolve(override(cfg, {"model": f"hf:{path}/missing"}))
 
 
 def test_init_from_moves_the_encoder_under_a_new_head(tiny):

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmflax.config import Config, ConfigError, TaskConfig, override, validate
+from lmflax.config import Config, ConfigError, TaskConfig, override
+from lmflax.core.losses import chunked_cross_entropy, cross_entropy
 from lmflax.models import PRESETS
 from lmflax.nn import unbox
 from lmflax.tasks import make_task
-from lmflax.train.losses import chunked_cross_entropy, cross_entropy
+from lmflax.train import resolve
 
 
 def _reference(h, W, b, targets, weights):
@@ -110,7 +111,7 @@ def _task(name, **task_kw):
     )
     cfg = Config(model=model, task=TaskConfig(name=name, **task_kw))
     cfg = override(cfg, {"data.seq_len": 16})
-    return make_task(validate(cfg))
+    return make_task(resolve(cfg))
 
 
 def _batch(task, rng, weights=None):
@@ -164,9 +165,9 @@ def test_mlm_gathered_and_chunked_loss_equals_plain_loss():
 def test_loss_knobs_are_validated():
     cfg = Config(model=PRESETS["bert_tiny"], task=TaskConfig(name="mlm"))
     with pytest.raises(ConfigError, match="loss_chunk_size must be >= 0"):
-        validate(override(cfg, {"task.loss_chunk_size": -1}))
+        resolve(override(cfg, {"task.loss_chunk_size": -1}))
     with pytest.raises(ConfigError, match=r"more than data\.seq_len"):
-        validate(override(cfg, {"task.mlm_max_predictions": 1000}))
+        resolve(override(cfg, {"task.mlm_max_predictions": 1000}))
     gpt = Config(model=PRESETS["gpt_tiny"])
     with pytest.raises(ConfigError, match="for task 'mlm'"):
-        validate(override(gpt, {"task.mlm_max_predictions": 4}))
+        resolve(override(gpt, {"task.mlm_max_predictions": 4}))

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from lmflax import nn as lnn
-from lmflax.config import load_config_file, override, validate
+from lmflax.config import load_config_file, override
 from lmflax.models import GPT, PRESETS, BertForMaskedLM, BertModel
+from lmflax.train import resolve
 
 from .conftest import jitted
 
@@ -121,11 +122,11 @@ SHIPPED = sorted(
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_every_shipped_config_traces_at_full_size(path):
     """Loads, validates, and traces the jitted train step with jax.eval_shape (nothing allocated)."""
-    from lmflax.train.loop import Trainer
-    from lmflax.train.step import train_step
+    from lmflax.core.step import train_step
+    from lmflax.train import Trainer
 
     cfg, _ = load_config_file(str(path))
-    cfg = validate(override(cfg, {"mesh.data": 1}))
+    cfg = resolve(override(cfg, {"mesh.data": 1}))
     trainer = Trainer.create(cfg, init=False)
     batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype)

@@ -163,8 +163,7 @@ def _bert_mlm_params(V, D, L, F, P, types=2):
 
 @pytest.mark.parametrize("name", ["gpt_tiny", "gpt2_small", "bert_tiny", "bert_base", "untied"])
 def test_planner_counts_parameters_and_flops(name):
-    from lmflax import plan
-    from lmflax.train.loop import Trainer
+    from lmflax.train import Trainer, plan
 
     cfg, _ = load_config_file("gpt_tiny" if name == "untied" else name)
     if name == "untied":
@@ -250,7 +249,7 @@ TOPOLOGIES = [("v5e:2x2", "TPU v5 lite", "v5e"), ("v5p:2x2x1", "TPU v5", "v5p")]
 @pytest.mark.parametrize(("topology", "kind", "chip"), TOPOLOGIES)
 def test_train_step_compiles_for_a_tpu_slice(topology, kind, chip):
     pytest.importorskip("libtpu", reason="the test extra installs libtpu")
-    from lmflax import plan
+    from lmflax.train import plan
 
     cfg = _small_cfg(**{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2})
     p, report = plan.main(cfg, topology=topology)
@@ -271,7 +270,7 @@ def test_train_step_compiles_for_a_tpu_slice(topology, kind, chip):
 
 def test_unknown_topology_is_a_config_error():
     pytest.importorskip("libtpu", reason="the test extra installs libtpu")
-    from lmflax import plan
+    from lmflax.train import plan
 
     with pytest.raises(ConfigError, match="not a TPU slice libtpu knows"):
         plan.topology_devices("v9z:2x2")

@@ -115,12 +115,13 @@ def test_impossible_values_exit_2_before_compiling(args, expected, data_dir, tmp
 
 def test_validation_itself_is_fast():
     """The checks take milliseconds; the CLI's wall time is dominated by importing JAX/Flax."""
-    from lmflax.config import apply_overrides, validate
+    from lmflax.config import apply_overrides
+    from lmflax.train import resolve
 
     cfg, _ = load_config_file(None)
     t0 = time.perf_counter()
     for _ in range(100):
-        validate(apply_overrides(cfg, ["train.steps=5", "model.num_heads=4"]))
+        resolve(apply_overrides(cfg, ["train.steps=5", "model.num_heads=4"]))
     per_call = (time.perf_counter() - t0) / 100
     print(f"validate + overrides: {per_call * 1e3:.2f} ms")
 
@@ -168,7 +169,7 @@ def test_long_documents_are_split_across_rows_not_dropped(data_dir):
 
     cfg, _ = load_config_file(None)
     cfg = override(cfg, {"data.data_dir": data_dir, "data.seq_len": 16, "data.shuffle_buffer": 1})
-    tok = pipeline.load_tokenizer(cfg.data, cfg.model.vocab_size)
+    tok = pipeline.tokenizer_for(cfg.data, cfg.model.vocab_size)
     first_doc = pipeline.documents(cfg.data, "train", seed=0)[0]["text"].decode()
     ids = tok.encode(first_doc)
     assert len(ids) > 3 * 16
@@ -211,7 +212,7 @@ def test_nonfinite_stops_the_run_naming_the_step(data_dir, tmp_path):
 
 
 def test_skip_policy_leaves_state_bit_identical_and_counts():
-    from lmflax.train.loop import Trainer
+    from lmflax.train import Trainer
 
     cfg, _ = load_config_file(None)
     cfg = override(

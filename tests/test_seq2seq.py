@@ -16,13 +16,14 @@ import pytest
 
 from lmflax import decode
 from lmflax import nn as lnn
-from lmflax.config import ConfigError, apply_overrides, load_config_file, override, validate
+from lmflax.config import ConfigError, apply_overrides, load_config_file, override
 from lmflax.data import seq2seq as s2s_data
 from lmflax.data.tokenizers import train_tokenizer
 from lmflax.evaluate.generation import bleu, generation_metrics, rouge
 from lmflax.models import PRESETS, EncoderDecoder
 from lmflax.models.seq2seq import relative_position_bucket
 from lmflax.tasks.seq2seq import seq2seq_loss
+from lmflax.train import resolve
 from lmflax.train.metrics import read_metrics
 
 from .conftest import ROOT
@@ -143,7 +144,7 @@ def test_models_share_embeddings_and_decoders_are_causal(kind):
 def test_impossible_seq2seq_values(updates, expected):
     cfg, _ = load_config_file("configs/cnn_dailymail.py:tiny")
     with pytest.raises(ConfigError, match=expected):
-        validate(override(cfg, updates))
+        resolve(override(cfg, updates))
 
 
 def test_seq2seq_task_needs_an_encoder_decoder():
@@ -309,7 +310,7 @@ def test_config_runs_end_to_end_on_mock_data(
     evaluation examples, scores them and writes the predictions; `train.py --generate` then
     loads the checkpoint and translates / summarises prompts."""
     import train
-    from lmflax.train.loop import run
+    from lmflax.train import run
 
     cfg, _ = load_config_file(f"configs/{config}.py:tiny")
     overrides = [
@@ -317,7 +318,7 @@ def test_config_runs_end_to_end_on_mock_data(
         f"data.data_dir={tmp_path / 'data'}",
         f"generate.beam_size={beams}",
     ]
-    cfg = validate(apply_overrides(cfg, overrides))
+    cfg = resolve(apply_overrides(cfg, overrides))
     workdir = tmp_path / "run"
     summary = run(cfg, workdir)
     assert summary["final_step"] == 4 and math.isfinite(summary["final_loss"])

@@ -14,7 +14,7 @@ import numpy as np
 from lmflax import nn as lnn
 from lmflax.config import Config, override
 from lmflax.models import GPT, PRESETS, BertForMaskedLM
-from lmflax.train.loop import Trainer
+from lmflax.train import Trainer
 
 
 def test_fused_qkv_keeps_parameters_and_outputs():

@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lmflax.config import Config, override, validate
+from lmflax.config import Config, override
+from lmflax.core.optim import make_optimizer
+from lmflax.core.state import TrainState
+from lmflax.core.step import train_step
 from lmflax.models import PRESETS
 from lmflax.parallel import batch_sharding, logical_shardings, make_mesh, unbox
 from lmflax.tasks import make_task
-from lmflax.train.optim import make_optimizer
-from lmflax.train.state import TrainState
-from lmflax.train.step import train_step
+from lmflax.train import resolve
 
 # libtpu takes a process lock (/tmp/libtpu_lockfile) when it loads; another process using it at
 # the same time (a parallel test run, the planner) must not make this test fail.
@@ -36,7 +37,7 @@ def test_sharded_train_step_with_splash_attention_compiles_for_tpu(caplog):
         Config(model=model),
         {"data.batch_size": 4, "data.seq_len": 256, "mesh.data": 2, "mesh.tensor": 2},
     )
-    cfg = validate(cfg)
+    cfg = resolve(cfg)
     task = make_task(cfg)
     mesh = make_mesh(cfg.mesh, devices=devices)
     rules = list(cfg.mesh.rules)

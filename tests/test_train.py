@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from lmflax.config import OptimizerConfig, load_config_file, override
-from lmflax.train.losses import cross_entropy, finalize
-from lmflax.train.optim import decay_mask, make_schedule
+from lmflax.core.losses import cross_entropy, finalize
+from lmflax.core.optim import decay_mask, make_schedule
 
 
 def test_cross_entropy_matches_numpy():
@@ -101,7 +101,7 @@ def _batch(cfg, seed=0):
 
 
 def _one_step(cfg, batch):
-    from lmflax.train.loop import Trainer
+    from lmflax.train import Trainer
 
     tr = Trainer.create(cfg)
     step = tr.jit_train_step()
@@ -123,7 +123,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 
 def test_train_step_overfits_a_batch_and_eval_agrees():
-    from lmflax.train.loop import Trainer
+    from lmflax.train import Trainer
 
     cfg = _tiny_cfg(
         **{

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmflax import cli
 from lmflax import vectors as vec
 
 
@@ -222,11 +223,11 @@ def test_analogy_file_accuracy_sections_and_errors(tmp_path):
 def test_cli_neighbors_and_evaluate(tmp_path, capsys):
     path = tmp_path / "toy.txt"
     vec.write_vectors(path, _toy())
-    assert vec.main(["neighbors", str(path), "king", "man:king::woman", "-k", "1"]) == 0
+    assert cli.main(["vectors", "neighbors", str(path), "king", "man:king::woman", "-k", "1"]) == 0
     out = capsys.readouterr().out
     assert "king: kingly" in out and "man:king::woman: queen" in out
     (tmp_path / "q.txt").write_text("man king woman queen\n")
-    assert vec.main(["evaluate", str(path), "--analogies", str(tmp_path / "q.txt")]) == 0
+    assert cli.main(["vectors", "evaluate", str(path), "--analogies", str(tmp_path / "q.txt")]) == 0
     assert "accuracy 1.0000 (1/1, 0 skipped)" in capsys.readouterr().out
-    assert vec.main(["neighbors", str(tmp_path / "nope.txt"), "x"]) == 1
+    assert cli.main(["vectors", "neighbors", str(tmp_path / "nope.txt"), "x"]) == 1
     assert "does not exist" in capsys.readouterr().err

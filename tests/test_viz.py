@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lmflax import cli, viz
 from lmflax import nn as lnn
-from lmflax import viz
 from lmflax.models import PRESETS, BertModel
 
 from .conftest import jitted
@@ -138,7 +138,7 @@ def test_pca_recovers_the_main_directions():
 @pytest.mark.slow
 def test_command_draws_a_trained_gpt_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
     from lmflax.config import load_config_file, override
-    from lmflax.train.loop import run
+    from lmflax.train import run
 
     monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
     cfg, _ = load_config_file("gpt_tiny")
@@ -163,7 +163,10 @@ def test_command_draws_a_trained_gpt_checkpoint(data_dir, tmp_path, capsys, monk
     run(cfg, workdir)
     out = tmp_path / "pics"
     args = ["--workdir", str(workdir), "--sentence", "def f(x): return x", "--out", str(out)]
-    assert viz.main([*args, "--layer", "all", "--head", "1", "--size", "320x240"]) == 0
+    assert (
+        cli.main(["viz", "attention", *args, "--layer", "all", "--head", "1", "--size", "320x240"])
+        == 0
+    )
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         "attention_layer0_head1.png",
@@ -174,5 +177,5 @@ def test_command_draws_a_trained_gpt_checkpoint(data_dir, tmp_path, capsys, monk
         with Image.open(p) as im:
             assert im.size == (320, 240)
     assert str(out / "attention_layer0_head1.png") in capsys.readouterr().out
-    assert viz.main([*args, "--head", "2"]) == 1
+    assert cli.main(["viz", "attention", *args, "--head", "2"]) == 1
     assert "--head 2 is out of range: the model has 2" in capsys.readouterr().err

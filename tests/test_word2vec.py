@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from lmflax import cli
 from lmflax import vectors as vec
+from lmflax.cli.vectors import from_workdir
 from lmflax.config import (
     Config,
     ConfigError,
@@ -23,11 +25,11 @@ from lmflax.config import (
     TaskConfig,
     TrainConfig,
     override,
-    validate,
 )
 from lmflax.data import word2vec as w2v
 from lmflax.models import Word2VecConfig
 from lmflax.tasks.word2vec import negative_sampling_loss
+from lmflax.train import resolve
 
 # ---------------------------------------------------------------------------------------------
 # The planted corpus: word (k, s) = topic k's member in slot s. Each sentence holds one member,
@@ -117,11 +119,11 @@ def planted_config(data_dir: str, **model) -> Config:
 
 @pytest.fixture(scope="module")
 def planted_run(planted_dir, tmp_path_factory) -> tuple[Path, vec.WordVectors, dict]:
-    from lmflax.train.loop import run
+    from lmflax.train import run
 
     workdir = tmp_path_factory.mktemp("w2v_run")
     summary = run(planted_config(planted_dir), workdir, config_name="word2vec")
-    return workdir, vec.from_workdir(workdir), summary
+    return workdir, from_workdir(workdir), summary
 
 
 def test_planted_clusters_are_nearer(planted_run):
@@ -191,11 +193,23 @@ def test_planted_run_logs_and_samples(planted_run):
 def test_viz_word2vec_projection(planted_run, tmp_path):
     from PIL import Image
 
-    from lmflax import viz
-
     workdir, _, _ = planted_run
     words = ",".join(member(k, s) for k in range(TOPICS) for s in range(SLOTS))
-    assert viz.main(["--workdir", str(workdir), "--words", words, "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "viz",
+                "attention",
+                "--workdir",
+                str(workdir),
+                "--words",
+                words,
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     with Image.open(tmp_path / "word_vectors_pca.png") as im:
         assert im.size == (640, 640)
 
@@ -318,18 +332,18 @@ def test_loss_matches_numpy_reference():
 
 def test_config_rejects_transformer_settings_and_bad_values():
     cfg = planted_config("/nonexistent")
-    validate(cfg)
+    resolve(cfg)
     with pytest.raises(ConfigError, match=r"model.num_heads=8 is a Transformer setting"):
-        validate(override(cfg, {"model.num_heads": 8}))
+        resolve(override(cfg, {"model.num_heads": 8}))
     with pytest.raises(ConfigError, match=r"model.architecture is 'skipgrams'.*'cbow'"):
-        validate(override(cfg, {"model.architecture": "skipgrams"}))
+        resolve(override(cfg, {"model.architecture": "skipgrams"}))
     with pytest.raises(ConfigError, match=r"model.window must be > 0, got 0"):
-        validate(override(cfg, {"model.window": 0}))
+        resolve(override(cfg, {"model.window": 0}))
     with pytest.raises(ConfigError, match=r"optimizer.name is 'sdg'"):
-        validate(override(cfg, {"optimizer.name": "sdg"}))
+        resolve(override(cfg, {"optimizer.name": "sdg"}))
     with pytest.raises(ConfigError, match=r"task 'word2vec' trains a word2vec model"):
         from lmflax.models import PRESETS
-        from lmflax.train.loop import Trainer
+        from lmflax.train import Trainer
 
         Trainer.create(override(cfg, {"model": PRESETS["gpt_tiny"]}), init=False)
 
@@ -374,7 +388,7 @@ def test_shipped_config_variants():
 
 
 def test_sgd_optimizer_is_plain_sgd_with_the_schedule():
-    from lmflax.train.optim import make_optimizer
+    from lmflax.core.optim import make_optimizer
 
     opt = OptimizerConfig(
         name="sgd", learning_rate=2.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0

@@ -20,6 +20,7 @@ import numpy as np
 
 from lmflax.config import Config, DataConfig
 from lmflax.data import objectives, sources
+from lmflax.data.hf_tokenizer import load_tokenizer
 from lmflax.data.sources import DataError
 from lmflax.data.tokenizers import KINDS, Tokenizer, train_tokenizer
 
@@ -30,12 +31,12 @@ log = logging.getLogger(__name__)
 # Tokenizers
 
 
-def _texts(source: Any, key: str, limit: int) -> Iterator[str]:
+def texts(source: Any, key: str, limit: int) -> Iterator[str]:
     for i in range(min(limit, len(source))):
-        yield _text_of(source[i], key, i)
+        yield text_of(source[i], key, i)
 
 
-def _text_of(record: dict[str, Any], key: str, index: int) -> str:
+def text_of(record: dict[str, Any], key: str, index: int) -> str:
     if key not in record:
         raise DataError(
             f"record {index} has no text feature {key!r}; its features are {sorted(record)} "
@@ -52,7 +53,7 @@ def _text_of(record: dict[str, Any], key: str, index: int) -> str:
     return str(value)
 
 
-def load_tokenizer(data: DataConfig, vocab_size: int, default_kind: str = "bpe") -> Tokenizer:
+def tokenizer_for(data: DataConfig, vocab_size: int, default_kind: str = "bpe") -> Tokenizer:
     """The tokenizer the data config names, trained and cached on first use when it is a kind.
 
     data.tokenizer: 'bpe' / 'wordpiece' (trained on the first tokenizer_train_docs records of the
@@ -74,16 +75,14 @@ def load_tokenizer(data: DataConfig, vocab_size: int, default_kind: str = "bpe")
                 data.dataset, data.train_split, data_dir, download=data.download
             )
             log.info("training a %s tokenizer (vocab %d) -> %s", spec, vocab_size, path)
-            texts = _texts(source, data.text_key, data.tokenizer_train_docs)
-            train_tokenizer(spec, texts, vocab_size).save(tmp)
+            sample = texts(source, data.text_key, data.tokenizer_train_docs)
+            train_tokenizer(spec, sample, vocab_size).save(tmp)
 
         tokenizer = Tokenizer.from_file(sources.build_once(path, write))
     elif spec.startswith("hf:"):
-        from lmflax.hf import load_tokenizer as load_hf_tokenizer
-
         # Not the bare tokenizer.json: HF directories often save padding/truncation in it
         # (all-MiniLM-L6-v2 pads every text to 128), and some have only vocab.txt.
-        tokenizer = load_hf_tokenizer(spec[3:]).to_lmflax()
+        tokenizer = load_tokenizer(spec[3:]).to_lmflax()
     else:
         tokenizer = Tokenizer.from_file(spec)
     if tokenizer.vocab_size > vocab_size:
@@ -116,7 +115,9 @@ def state_from_json(state: Any) -> Any:
 # Datasets
 
 
-def _seed(seed: int, *salt: str) -> int:
+def derive_seed(seed: int, *salt: str) -> int:
+    """A 32-bit seed for one purpose ('documents', split, ...) derived from the run's seed, so
+    that every stream of randomness is independent and reproducible."""
     digest = hashlib.sha256(("/".join([str(seed), *salt])).encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
@@ -134,14 +135,14 @@ def documents(
     source = sources.data_source(data.dataset, split, data.data_dir, download=data.download)
     ds = grain.MapDataset.source(source)
     if shuffle:
-        ds = ds.shuffle(seed=_seed(seed, "documents", split))
+        ds = ds.shuffle(seed=derive_seed(seed, "documents", split))
     ds = ds.repeat(None)
     if process_count > 1:
         ds = ds[process_index::process_count]
     return ds
 
 
-def _read_options(data: DataConfig) -> grain.ReadOptions:
+def read_options(data: DataConfig) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=max(1, data.prefetch_threads), prefetch_buffer_size=64)
 
 
@@ -149,7 +150,7 @@ def _tokenize(
     data: DataConfig, encode: Callable[[list[int]], dict[str, np.ndarray]], tokenizer: Tokenizer
 ) -> Callable[[int, dict[str, Any]], dict[str, np.ndarray]]:
     def fn(index: int, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        return encode(tokenizer.encode(_text_of(record, data.text_key, index)))
+        return encode(tokenizer.encode(text_of(record, data.text_key, index)))
 
     return fn
 
@@ -160,7 +161,7 @@ def _window_shuffle(
     # Packed rows of one document are adjacent; mix rows across a window of documents.
     if data.shuffle_buffer > 1:
         ds = gx.WindowShuffleIterDataset(
-            ds, window_size=data.shuffle_buffer, seed=_seed(seed, "rows", split)
+            ds, window_size=data.shuffle_buffer, seed=derive_seed(seed, "rows", split)
         )
     return ds
 
@@ -186,7 +187,7 @@ def causal_lm_dataset(
     ds = ds.map_with_index(
         _tokenize(data, lambda ids: objectives.causal_document(ids, tokenizer.eos_id), tokenizer)
     )
-    it = ds.to_iter_dataset(_read_options(data))
+    it = ds.to_iter_dataset(read_options(data))
     it = gx.ConcatThenSplitIterDataset(it, length_struct={"inputs": L, "targets": L})
     it = _window_shuffle(it, data, seed, split)
 
@@ -233,7 +234,7 @@ def mlm_dataset(
             tokenizer,
         )
     )
-    it = ds.to_iter_dataset(_read_options(data))
+    it = ds.to_iter_dataset(read_options(data))
     it = gx.ConcatThenSplitIterDataset(it, length_struct={"tokens": L - 1})
     it = _window_shuffle(it, data, seed, split)
     special = tokenizer.special_ids
@@ -255,5 +256,5 @@ def mlm_dataset(
         out["attention_mask"] = np.concatenate([[True], real]).astype(np.int32)
         return out
 
-    it = it.random_map(finish, seed=_seed(seed, "mlm", split))
+    it = it.random_map(finish, seed=derive_seed(seed, "mlm", split))
     return it.batch(batch_size, drop_remainder=True)

@@ -24,7 +24,7 @@ import numpy as np
 
 from lmflax.config import Config
 from lmflax.data import sources
-from lmflax.data.pipeline import _read_options, _text_of, documents, load_tokenizer
+from lmflax.data.pipeline import documents, read_options, text_of, tokenizer_for
 from lmflax.data.sources import DataError
 from lmflax.data.tokenizers import KINDS, Tokenizer, train_tokenizer
 
@@ -64,7 +64,7 @@ def pair_of(
                 f"record {index} has no feature {key!r} ({field}); its features are "
                 f"{sorted(record)}"
             )
-    return _text_of(record, source_key, index), _text_of(record, target_key, index)
+    return text_of(record, source_key, index), text_of(record, target_key, index)
 
 
 def _pair_texts(source: Any, source_key: str, target_key: str, limit: int) -> Iterator[str]:
@@ -80,7 +80,7 @@ def load_pair_tokenizer(cfg: Config) -> Tokenizer:
     (cached under data_dir/lmflax_tokenizers); a path or 'hf:DIR' loads one."""
     data, task, vocab_size = cfg.data, cfg.task, cfg.model.vocab_size
     if data.tokenizer not in KINDS:
-        tokenizer = load_tokenizer(data, vocab_size)
+        tokenizer = tokenizer_for(data, vocab_size)
     else:
         data_dir = data.data_dir or sources.default_data_dir()
         name = re.sub(
@@ -176,7 +176,7 @@ def seq2seq_dataset(
         src, tgt = pair_of(record, task.source_key, task.target_key, index)
         return encode_pair(tokenizer, src, tgt, data.seq_len, task.target_len)
 
-    it = ds.map_with_index(encode).to_iter_dataset(_read_options(data))
+    it = ds.map_with_index(encode).to_iter_dataset(read_options(data))
     return it.batch(batch_size, drop_remainder=True)
 
 

@@ -71,7 +71,7 @@ def _documents() -> Iterator[tuple[str, str]]:
             continue  # a handful of stdlib files are latin-1 test fixtures; skip, don't guess
         yield f"Lib/{rel}", text
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # deferred: megabytes of text, for the corpus only
     except ImportError:  # a Python built without its docs
         topics = {}
     for name in sorted(topics):

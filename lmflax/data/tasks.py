@@ -27,6 +27,7 @@ from typing import Any
 import grain
 import grain.experimental as gx
 import numpy as np
+import tensorflow_datasets as tfds
 
 from lmflax.config import Config, ConfigError
 from lmflax.data import pipeline, sources
@@ -94,8 +95,6 @@ def dataset_spec(task: str, dataset: str) -> DatasetSpec:
 
 def label_names(name: str, spec: DatasetSpec, data_dir: str | None) -> tuple[str, ...]:
     """The class (or tag) names of the dataset's label feature, from its TFDS info."""
-    import tensorflow_datasets as tfds
-
     try:
         features = tfds.builder(name, data_dir=data_dir or sources.default_data_dir()).info.features
     except Exception as e:  # TFDS raises several types for unknown or unreadable datasets
@@ -179,7 +178,7 @@ def load_task_tokenizer(cfg: Config, spec: DatasetSpec) -> Tokenizer:
     different data never shares a cache entry. A path or 'hf:DIR' loads as in pretraining."""
     data = cfg.data
     if data.tokenizer not in KINDS:
-        return pipeline.load_tokenizer(data, cfg.model.vocab_size)
+        return pipeline.tokenizer_for(data, cfg.model.vocab_size)
     source = sources.data_source(
         data.dataset, data.train_split, data.data_dir, download=data.download
     )
@@ -362,7 +361,7 @@ def answer_span(
 # Datasets
 
 
-def _read_options(cfg: Config) -> grain.ReadOptions:
+def read_options(cfg: Config) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=max(1, cfg.data.prefetch_threads), prefetch_buffer_size=64)
 
 
@@ -398,7 +397,7 @@ def train_batches(
         cfg.data, split, seed=seed, process_index=process_index, process_count=process_count
     )
     ds = ds.map_with_index(featurize)
-    it = ds.to_iter_dataset(_read_options(cfg))
+    it = ds.to_iter_dataset(read_options(cfg))
     if fan_out:
         it = gx.FlatMapIterDataset(it, _Windows())
         if cfg.data.shuffle_buffer > 1:
@@ -425,4 +424,4 @@ def eval_records(
     ds = grain.MapDataset.source(source).map_with_index(featurize)
     if process_count > 1:
         ds = ds[process_index::process_count]
-    yield from ds.to_iter_dataset(_read_options(cfg))
+    yield from ds.to_iter_dataset(read_options(cfg))

@@ -22,7 +22,6 @@ A batch is a dict of arrays with a leading batch axis B:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections import Counter
@@ -156,7 +155,7 @@ def load_vocabulary(
         )
         limit = docs or len(source)
         log.info("counting words in %d records -> %s", min(limit, len(source)), path)
-        counts = count_words(pipeline._texts(source, data.text_key, limit), lowercase)
+        counts = count_words(pipeline.texts(source, data.text_key, limit), lowercase)
         full = Vocabulary.from_counts(
             counts, min_count=1, max_size=len(counts), lowercase=lowercase
         )
@@ -179,11 +178,6 @@ def load_vocabulary(
 
 # ---------------------------------------------------------------------------------------------
 # Examples
-
-
-def _seed(seed: int, *salt: str) -> int:
-    digest = hashlib.sha256(("/".join([str(seed), "word2vec", *salt])).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def make_examples(
@@ -260,14 +254,16 @@ def word2vec_dataset(
     )
 
     def encode(index: int, record: dict[str, Any]) -> tuple[np.ndarray, int]:
-        return vocab.encode(pipeline._text_of(record, data.text_key, index))
+        return vocab.encode(pipeline.text_of(record, data.text_key, index))
 
     def examples(doc: tuple[np.ndarray, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         ids, words = doc
         return make_examples(ids, words, rng, keep_prob=keep_prob, window=m.window, cbow=cbow)
 
-    docs = docs.map_with_index(encode).random_map(examples, seed=_seed(seed, "windows", split))
-    it = docs.to_iter_dataset(pipeline._read_options(data))
+    docs = docs.map_with_index(encode).random_map(
+        examples, seed=pipeline.derive_seed(seed, "word2vec", "windows", split)
+    )
+    it = docs.to_iter_dataset(pipeline.read_options(data))
     # Rebatching cannot take an empty piece; a document with no pair contributes nothing anyway.
     it = it.filter(lambda ex: len(ex["targets"]) > 0)
     it = gx.RebatchIterDataset(it, batch_size, drop_remainder=True)
@@ -277,4 +273,6 @@ def word2vec_dataset(
         batch["negatives"] = draw_negatives(batch["targets"], rng, cdf=cdf, negatives=m.negatives)
         return batch
 
-    return it.random_map(add_negatives, seed=_seed(seed, "negatives", split))
+    return it.random_map(
+        add_negatives, seed=pipeline.derive_seed(seed, "word2vec", "negatives", split)
+    )

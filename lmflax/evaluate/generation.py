@@ -24,7 +24,7 @@ def _check(predictions: Sequence[str], references: Sequence[str]) -> None:
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (0-100) of detokenized predictions against one reference each."""
-    import sacrebleu
+    import sacrebleu  # deferred: slow to import, and only seq2seq evaluation needs it
 
     _check(predictions, references)
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
@@ -32,7 +32,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1, ROUGE-2 and ROUGE-L F-measures (0-100) over the examples."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # deferred: pulls in nltk, only summaries need it
 
     _check(predictions, references)
     names = ("rouge1", "rouge2", "rougeL")

@@ -12,17 +12,22 @@ BertForSequenceClassification, GPT2Model and GPT2LMHeadModel. `model.init_from='
 training config starts from a checkpoint (see `init_params`).
 """
 
-from lmflax.hf.classification import BertForSequenceClassification
+from lmflax.config import register_model_names
+from lmflax.data.hf_tokenizer import HFTokenizer, load_tokenizer
+from lmflax.data.hub import CheckpointError
 from lmflax.hf.convert import ARCHITECTURES
-from lmflax.hf.files import CheckpointError
 from lmflax.hf.pretrained import (
+    HF_SCHEME,
     check_init_from,
     from_pretrained,
     init_params,
     model_config,
     save_pretrained,
 )
-from lmflax.hf.tokenizer import HFTokenizer, load_tokenizer
+from lmflax.models import BertForSequenceClassification
+
+# `--config.model=hf:DIR` takes the architecture from DIR/config.json.
+register_model_names(HF_SCHEME, lambda value: model_config(value[len(HF_SCHEME) :]))
 
 __all__ = [
     "ARCHITECTURES",

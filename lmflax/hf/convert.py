@@ -20,10 +20,16 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
-from lmflax.config import ModelConfig
-from lmflax.hf.classification import BertForSequenceClassification
 from lmflax.hf.files import CheckpointError
-from lmflax.models import GPT, BertConfig, BertForMaskedLM, BertModel, GPTConfig
+from lmflax.models import (
+    GPT,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    GPTConfig,
+)
+from lmflax.models.config import ModelConfig
 
 Path_ = tuple[str, ...]
 

@@ -14,21 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmflax.config import ModelConfig
+from lmflax.config import ConfigError
+from lmflax.data.hf_tokenizer import HFTokenizer
+from lmflax.data.hub import CheckpointError, model_dir, read_config
 from lmflax.hf import convert
 from lmflax.hf.convert import ARCHITECTURES, Architecture
-from lmflax.hf.files import (
-    CheckpointError,
-    WeightSource,
-    find_weights,
-    model_dir,
-    read_config,
-    write_json,
-    write_safetensors,
-)
-from lmflax.hf.tokenizer import HFTokenizer
+from lmflax.hf.files import WeightSource, find_weights, write_json, write_safetensors
+from lmflax.models.config import ModelConfig
 from lmflax.nn import unbox, unstack_layers
-from lmflax.nn._util import as_dtype
+from lmflax.nn.util import as_dtype
 
 log = logging.getLogger("lmflax")
 
@@ -268,8 +262,6 @@ def init_params(config: ModelConfig, params: Any, shardings: Any = None) -> Any:
     directory = parse_init_from(config.init_from)
     errs = check_init_from(config)
     if errs:
-        from lmflax.config import ConfigError
-
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     target = convert.flatten(params)
     with _Checkpoint.open(directory) as ckpt:

@@ -9,10 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmflax.config import ModelConfig, register_model_config
-from lmflax.nn import Embed, Encoder, LayerNorm, LearnedPositions, Linear, SegmentIds
-from lmflax.nn._util import as_dtype, constrain
-from lmflax.nn.feedforward import _ACTIVATIONS
+from lmflax.models.config import ModelConfig, register_model_config
+from lmflax.nn import Embed, Encoder, LayerNorm, LearnedPositions, Linear, SegmentIds, activation_fn
+from lmflax.nn.util import as_dtype, constrain
 
 
 @register_model_config
@@ -139,7 +138,7 @@ class BertForMaskedLM(nn.Module):
             deterministic=deterministic,
         )
         h = self.transform_norm(
-            _ACTIVATIONS[self.config.activation](self.transform(out.last_hidden_state))
+            activation_fn(self.config.activation)(self.transform(out.last_hidden_state))
         )
         if return_hidden:
             return h

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmflax.config import ModelConfig, register_model_config
+from lmflax.models.config import ModelConfig, register_model_config
 from lmflax.nn import (
     Decoder,
     Embed,
@@ -20,7 +20,7 @@ from lmflax.nn import (
     segment_mask,
     sinusoidal_positions,
 )
-from lmflax.nn._util import as_dtype, constrain
+from lmflax.nn.util import as_dtype, constrain
 
 
 @register_model_config

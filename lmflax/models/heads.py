@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from lmflax.models.bert import BertConfig, BertModel
 from lmflax.models.gpt import GPT, GPTConfig
-from lmflax.nn._util import DType, as_dtype, constrain, logical_param
+from lmflax.nn.util import DType, as_dtype, constrain, logical_param
 
 POOLINGS = ("first", "last", "mean")
 
@@ -128,12 +128,17 @@ class BertForSequenceClassification(nn.Module):
     """input_ids [B, T] (+ attention_mask, token_type_ids [B, T]) -> logits [B, C].
 
     pooling 'pooled' classifies BERT's pooler output tanh(W h[CLS] + b) (as BERT was
-    pre-trained to); 'first' the raw [CLS] state; 'mean' the mean over real tokens.
+    pre-trained to, and as Hugging Face's `BertForSequenceClassification` does: lmflax.hf loads
+    and exports those checkpoints through this module); 'first' the raw [CLS] state; 'mean' the
+    mean over real tokens. classifier_dropout: the dropout before the classifier; None =
+    config.dropout_rate (as transformers does when its `classifier_dropout` is null).
+    Parameters: {"bert": BertModel's, "classifier": {"kernel": [D, C], "bias": [C]}}.
     """
 
     config: BertConfig
     num_labels: int
     pooling: str = "pooled"
+    classifier_dropout: float | None = None
 
     def setup(self) -> None:
         c = self.config
@@ -141,10 +146,11 @@ class BertForSequenceClassification(nn.Module):
             raise ValueError(
                 f"unknown pooling {self.pooling!r} for BERT; accepted: pooled, {', '.join(POOLINGS)}"
             )
+        if self.num_labels <= 0:
+            raise ValueError(f"num_labels must be > 0, got {self.num_labels}")
         self.bert = BertModel(dataclasses.replace(c, add_pooler=self.pooling == "pooled"))
-        self.classifier = ClassificationHead(
-            self.num_labels, dropout_rate=c.dropout_rate, **_head_kwargs(c)
-        )
+        rate = c.dropout_rate if self.classifier_dropout is None else self.classifier_dropout
+        self.classifier = ClassificationHead(self.num_labels, dropout_rate=rate, **_head_kwargs(c))
 
     def __call__(
         self,
@@ -152,9 +158,16 @@ class BertForSequenceClassification(nn.Module):
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         *,
+        positions: jax.Array | None = None,
         deterministic: bool,
     ) -> jax.Array:
-        out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+        out = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            positions=positions,
+            deterministic=deterministic,
+        )
         if self.pooling == "pooled":
             pooled = out.pooler_output
         else:

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmflax.config import ModelConfig, register_model_config
+from lmflax.models.config import ModelConfig, register_model_config
 from lmflax.nn import (
     Decoder,
     Embed,
@@ -31,7 +31,7 @@ from lmflax.nn import (
     padding_mask,
     sinusoidal_positions,
 )
-from lmflax.nn._util import as_dtype, constrain, logical_param
+from lmflax.nn.util import as_dtype, constrain, logical_param
 
 POSITIONS = ("sinusoidal", "learned", "relative", "rope", "none")
 

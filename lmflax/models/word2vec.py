@@ -20,9 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmflax.config import ModelConfig, register_model_config
+from lmflax.models.config import ModelConfig, register_model_config
 from lmflax.nn import Embed
-from lmflax.nn._util import as_dtype
+from lmflax.nn.util import as_dtype
 
 ARCHITECTURES = ("skipgram", "cbow")
 # Fields of ModelConfig that are word2vec's own (everything else is a Transformer setting).

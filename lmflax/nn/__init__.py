@@ -3,15 +3,18 @@
 Every parameter carries logical axis names (vocab, embed, heads, kv_heads, kv, mlp, positions,
 norm, layers); activations are constrained with (batch, length, embed | heads | mlp). Map them to
 mesh axes with `flax.linen.logical_axis_rules` (lmflax.parallel does it from the config).
+`lmflax.nn.util` (dtypes, logically partitioned parameters, constraints) is public: models built
+on these layers use it too.
 """
 
-from lmflax.nn._util import as_dtype, unbox
 from lmflax.nn.attention import (
+    IMPLEMENTATIONS,
     MultiHeadAttention,
     attention_weights,
     causal_mask,
     combine_masks,
     dot_product_attention,
+    head_problems,
     padding_mask,
     segment_mask,
     weighted_values,
@@ -29,16 +32,19 @@ from lmflax.nn.blocks import (
     unstack_layers,
 )
 from lmflax.nn.embedding import Embed
-from lmflax.nn.feedforward import ACTIVATIONS, FeedForward
+from lmflax.nn.feedforward import ACTIVATIONS, FeedForward, activation_fn
 from lmflax.nn.kernels import SegmentIds
 from lmflax.nn.linear import Linear
 from lmflax.nn.norms import NORMS, LayerNorm, RMSNorm, make_norm
 from lmflax.nn.positional import LearnedPositions, apply_rope, sinusoidal_positions
+from lmflax.nn.util import DType, as_dtype, constrain, logical_param, unbox
 
 __all__ = [
     "ACTIVATIONS",
+    "IMPLEMENTATIONS",
     "NORMS",
     "REMAT_POLICIES",
+    "DType",
     "Decoder",
     "DecoderLayer",
     "Embed",
@@ -52,13 +58,17 @@ __all__ = [
     "RMSNorm",
     "SegmentIds",
     "StackConfig",
+    "activation_fn",
     "apply_rope",
     "as_dtype",
     "attention_weights",
     "causal_mask",
     "combine_masks",
+    "constrain",
     "decoder_mask",
     "dot_product_attention",
+    "head_problems",
+    "logical_param",
     "make_norm",
     "padding_mask",
     "remat_policy",

@@ -13,10 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmflax.nn._util import DType, constrain
 from lmflax.nn.kernels import KERNELS, SegmentIds, as_mask, fused_attention
 from lmflax.nn.linear import Linear, LinearParams, fused_linear
 from lmflax.nn.positional import apply_rope
+from lmflax.nn.util import DType, constrain
 
 IMPLEMENTATIONS = ("xla", *KERNELS)
 
@@ -176,6 +176,27 @@ def weighted_values(
     return out.reshape(B, T, N, H)
 
 
+def head_problems(
+    d_model: int, num_heads: int, num_kv_heads: int | None, head_dim: int | None, prefix: str = ""
+) -> list[str]:
+    """What is wrong with these head counts (empty = nothing): kv heads must divide heads, and
+    heads must divide the width unless head_dim is given. `prefix` ('model.') names the keys."""
+    errs = []
+    if num_heads > 0 and head_dim is None and d_model % num_heads:
+        errs.append(
+            f"{prefix}num_heads ({num_heads}) must divide {prefix}d_model ({d_model}) "
+            f"(or set {prefix}head_dim)"
+        )
+    if num_kv_heads is not None and (num_kv_heads <= 0 or num_heads % num_kv_heads):
+        errs.append(
+            f"{prefix}num_kv_heads ({num_kv_heads}) must divide {prefix}num_heads ({num_heads}); "
+            "None means num_heads"
+        )
+    if head_dim is not None and head_dim <= 0:
+        errs.append(f"{prefix}head_dim must be > 0 or None, got {head_dim}")
+    return errs
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with the output projection Wᴼ. x [B, T, D] -> [B, T, out_features|D].
 
@@ -226,10 +247,8 @@ class MultiHeadAttention(nn.Module):
         D = x.shape[-1]
         N = self.num_heads
         K = self.num_kv_heads or N
-        if N % K:
-            raise ValueError(f"num_kv_heads ({K}) must divide num_heads ({N})")
-        if self.head_dim is None and D % N:
-            raise ValueError(f"num_heads ({N}) must divide the model width ({D}) or set head_dim")
+        for problem in head_problems(D, N, self.num_kv_heads, self.head_dim):
+            raise ValueError(problem)
         H = self.head_dim or D // N
         out_features = self.out_features or D
         dense = dict(

@@ -18,16 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmflax.nn._util import as_dtype, constrain
+from lmflax.config.errors import one_of
 from lmflax.nn.attention import (
+    IMPLEMENTATIONS,
     MultiHeadAttention,
     causal_mask,
     combine_masks,
+    head_problems,
     padding_mask,
     segment_mask,
 )
-from lmflax.nn.feedforward import FeedForward
-from lmflax.nn.norms import make_norm
+from lmflax.nn.feedforward import FeedForward, activation_problems
+from lmflax.nn.norms import NORMS, make_norm
+from lmflax.nn.util import as_dtype, constrain
 
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots")
 
@@ -41,6 +44,9 @@ class StackConfig:
     'save_dots' (keep every matmul output), or the name of any `jax.checkpoint_policies` policy.
     dtype is the compute dtype, param_dtype the storage dtype ('float32', 'bfloat16', ...).
     fused_qkv: compute self-attention's q, k, v with one matmul (same parameters; MHA only).
+    rope_base / rope_fraction: rotary positions in self-attention (None = off) on the first
+    rope_fraction of each head's dimensions (GPT-NeoX's rotary_pct; 1.0 = all).
+    `validate()` lists what is wrong (the layers raise the same messages when built).
     """
 
     num_layers: int = 2
@@ -57,6 +63,7 @@ class StackConfig:
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     rope_base: float | None = None
+    rope_fraction: float = 1.0
     attention_impl: str | None = None
     init_std: float = 0.02
     scale_residual_init: bool = False
@@ -66,6 +73,38 @@ class StackConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
 
+    def validate(self, prefix: str = "model.") -> list[str]:
+        """The problems of these stack settings as messages (empty = valid); `prefix` names
+        the keys ('model.' in a training config)."""
+        errs = []
+        for name in ("num_layers", "d_model", "num_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                errs.append(f"{prefix}{name} must be > 0, got {getattr(self, name)}")
+        errs += head_problems_for(self, prefix)
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                errs.append(f"{prefix}{name} must be in [0, 1), got {getattr(self, name)}")
+        errs += activation_problems(self.activation, f"{prefix}activation")
+        one_of(errs, f"{prefix}norm", self.norm, NORMS)
+        one_of(errs, f"{prefix}norm_position", self.norm_position, NORM_POSITIONS)
+        one_of(errs, f"{prefix}dtype", self.dtype, DTYPES)
+        one_of(errs, f"{prefix}param_dtype", self.param_dtype, DTYPES)
+        one_of(errs, f"{prefix}attention_impl", self.attention_impl, (None, *IMPLEMENTATIONS))
+        if self.remat not in REMAT_POLICIES:
+            try:
+                remat_policy(self.remat)
+            except ValueError as e:
+                errs.append(f"{prefix}remat: {e}")
+        if self.rope_base is not None and not self.rope_base > 0:
+            errs.append(
+                f"{prefix}rope_base must be > 0 (e.g. 10000.0) or None, got {self.rope_base}"
+            )
+        if not 0.0 < self.rope_fraction <= 1.0:
+            errs.append(f"{prefix}rope_fraction must be in (0, 1], got {self.rope_fraction}")
+        if self.norm_eps <= 0:
+            errs.append(f"{prefix}norm_eps must be > 0, got {self.norm_eps}")
+        return errs
+
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
@@ -73,6 +112,15 @@ class StackConfig:
     @property
     def resolved_kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+
+NORM_POSITIONS = ("pre", "post")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def head_problems_for(c: StackConfig, prefix: str = "model.") -> list[str]:
+    """`head_problems` for a stack config."""
+    return head_problems(c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, prefix)
 
 
 def remat_policy(name: str) -> Any:
@@ -110,6 +158,7 @@ class _Layer(nn.Module):
             use_bias=c.use_bias,
             dropout_rate=c.attention_dropout_rate,
             rope_base=c.rope_base if rope else None,
+            rope_fraction=c.rope_fraction,
             implementation=c.attention_impl,
             fused_qkv=c.fused_qkv,
             init_std=c.init_std,
@@ -147,7 +196,7 @@ class _Layer(nn.Module):
         if self.config.norm_position == "post":
             return self._norm(f"{name}_norm")(x + drop(f(x), deterministic=deterministic))
         raise ValueError(
-            f"unknown norm_position {self.config.norm_position!r}; accepted: 'pre', 'post'"
+            f"unknown norm_position {self.config.norm_position!r}; accepted: {NORM_POSITIONS}"
         )
 
 

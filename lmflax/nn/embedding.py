@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmflax.nn._util import DType, Initializer, as_dtype, logical_param
+from lmflax.nn.util import DType, Initializer, as_dtype, logical_param
 
 
 class Embed(nn.Module):

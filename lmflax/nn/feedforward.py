@@ -8,8 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmflax.nn._util import DType, constrain
+from lmflax.config.errors import one_of
 from lmflax.nn.linear import Linear
+from lmflax.nn.util import DType, constrain
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -20,6 +21,21 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # Gated variants (Shazeer 2020): act(x W) ⊙ (x V), then W₂.
 _GATED = {"swiglu": "silu", "geglu": "gelu_tanh", "reglu": "relu"}
 ACTIVATIONS = tuple(_ACTIVATIONS) + tuple(_GATED)
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The elementwise function of a non-gated activation name ('relu', 'gelu', 'gelu_tanh',
+    'silu'); ValueError naming the accepted ones otherwise."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; accepted: {tuple(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def activation_problems(name: str, key: str = "activation") -> list[str]:
+    """[] if `name` is an accepted FeedForward activation, else one message saying which are."""
+    errs: list[str] = []
+    one_of(errs, key, name, ACTIVATIONS)
+    return errs
 
 
 class FeedForward(nn.Module):
@@ -40,8 +56,8 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; accepted: {ACTIVATIONS}")
+        for problem in activation_problems(self.activation):
+            raise ValueError(problem)
         D = x.shape[-1]
         dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         h = Linear((self.d_ff,), ("embed", "mlp"), init_std=self.init_std, name="wi", **dense)(x)

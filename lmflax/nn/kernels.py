@@ -399,6 +399,7 @@ def _block(length: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(T: int, S: int, heads: int, is_causal: bool, interpret: bool) -> Any:
+    # Deferred: the TPU Pallas kernels load Mosaic; only the splash path needs them.
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
     )
@@ -445,6 +446,7 @@ def splash_attention(
     heads over the 'heads' axes of the logical rules). interpret=True runs the kernel in Pallas's
     interpreter (any backend; slow) for testing.
     """
+    # Deferred: the TPU Pallas kernels load Mosaic; only the splash path needs them.
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
     )

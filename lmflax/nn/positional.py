@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmflax.nn._util import DType, as_dtype, logical_param
+from lmflax.nn.util import DType, as_dtype, logical_param
 
 
 def sinusoidal_positions(length: int, dim: int) -> jax.Array:

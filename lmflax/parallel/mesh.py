@@ -9,14 +9,55 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmflax.config import MeshConfig, resolve_mesh_shape
-from lmflax.nn._util import unbox
+from lmflax.config import Config, ConfigError, MeshConfig
+from lmflax.nn.util import unbox
 
 log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Mesh sizes with the -1 axis filled in; ConfigError if they cannot tile the devices."""
+    sizes = mesh.sizes()
+    known = 1
+    for s in sizes.values():
+        if s != -1:
+            known *= s
+    if -1 in sizes.values():
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh sizes {sizes}: the fixed axes' product {known} does not divide the "
+                f"{num_devices} devices"
+            )
+        sizes = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
+    elif known != num_devices:
+        raise ConfigError(
+            f"mesh data×fsdp×tensor = {sizes['data']}×{sizes['fsdp']}×{sizes['tensor']} = {known} "
+            f"but there are {num_devices} devices; make the product {num_devices} or set one axis to -1"
+        )
+    return sizes
+
+
+def validate_devices(cfg: Config, num_devices: int) -> dict[str, int]:
+    """Device-count checks (mesh tiling, batch divisibility); returns the resolved mesh sizes."""
+    sizes = resolve_mesh_shape(cfg.mesh, num_devices)
+    dp = sizes["data"] * sizes["fsdp"]
+    micro = cfg.data.batch_size // cfg.optimizer.grad_accum_steps
+    if micro % dp:
+        raise ConfigError(
+            f"the global batch (data.batch_size={cfg.data.batch_size}"
+            + (
+                f" / grad_accum_steps={cfg.optimizer.grad_accum_steps} = {micro}"
+                if cfg.optimizer.grad_accum_steps > 1
+                else ""
+            )
+            + f") must be divisible by the data-parallel size data×fsdp = {dp}"
+        )
+    return sizes
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -29,8 +70,6 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
     sizes = resolve_mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in AXES)
     try:
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape(shape)

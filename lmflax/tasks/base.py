@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -11,19 +12,27 @@ import jax
 import numpy as np
 
 from lmflax.config import Config
+from lmflax.core.losses import Metric
+from lmflax.data.pipeline import tokenizer_for
 from lmflax.data.tokenizers import Tokenizer
-from lmflax.train.losses import Metric
 
 
 class Task(abc.ABC):
     """A training objective over a model family.
 
-    Subclasses set `name` and implement the abstract methods; register them in lmflax.tasks.TASKS.
-    Batches are dicts of NumPy arrays with a leading global-batch axis.
+    Subclasses set `name` and `make_batches` and implement the abstract methods; register them in
+    lmflax.tasks.TASKS. Batches are dicts of NumPy arrays with a leading global-batch axis.
+    `exact_eval`: evaluation runs over the whole split once (`eval_features` / `eval_outputs`
+    / `collector` / `finish`, see lmflax.tasks.finetune) instead of averaging `loss` metrics
+    over train.eval_steps batches.
     """
 
     name: ClassVar[str]
     default_tokenizer: ClassVar[str] = "bpe"
+    exact_eval: ClassVar[bool] = False
+    #: The data pipeline: make_batches(cfg, vocabulary, split, *, seed, batch_size, process_index,
+    #: process_count) -> per-process batches (a function of lmflax.data).
+    make_batches: ClassVar[Callable[..., grain.IterDataset]]
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -34,9 +43,7 @@ class Task(abc.ABC):
     def tokenizer(self) -> Tokenizer:
         """Loaded (or trained and cached) on first use."""
         if self._tokenizer is None:
-            from lmflax.data.pipeline import load_tokenizer
-
-            self._tokenizer = load_tokenizer(
+            self._tokenizer = tokenizer_for(
                 self.cfg.data, self.cfg.model.vocab_size, self.default_tokenizer
             )
         return self._tokenizer
@@ -59,11 +66,29 @@ class Task(abc.ABC):
     ) -> tuple[jax.Array, dict[str, Metric]]:
         """(loss_sum, metric sums); pure, jit-able. metrics['loss'] = (loss_sum, weight)."""
 
-    @abc.abstractmethod
+    def data_vocabulary(self) -> Any:
+        """What `make_batches` turns text into ids with (the tokenizer, unless the task has its own)."""
+        return self.tokenizer
+
     def dataset(
-        self, split: str, *, seed: int, batch_size: int, process_index: int, process_count: int
+        self,
+        split: str,
+        *,
+        seed: int,
+        batch_size: int,
+        process_index: int = 0,
+        process_count: int = 1,
     ) -> grain.IterDataset:
         """Per-process batches (batch_size rows each) of `split`, repeating forever."""
+        return type(self).make_batches(
+            self.cfg,
+            self.data_vocabulary(),
+            split,
+            seed=seed,
+            batch_size=batch_size,
+            process_index=process_index,
+            process_count=process_count,
+        )
 
     def sample(self, params: Any, rng: jax.Array) -> str | None:
         """A short demonstration of the trained model for the end of a run (None = nothing)."""

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmflax.config import Config
+from lmflax.core.losses import Metric, cross_entropy
 from lmflax.data import tasks as data_tasks
 from lmflax.evaluate import metrics
 from lmflax.models import (
@@ -20,7 +21,6 @@ from lmflax.models import (
     GPTForSequenceClassification,
 )
 from lmflax.tasks.finetune import FinetuneTask, Row, ratio
-from lmflax.train.losses import Metric, cross_entropy
 
 _POOLING = {BertConfig: ("pooled", "first", "mean"), GPTConfig: ("last", "mean")}
 

@@ -52,6 +52,7 @@ class FinetuneTask(Task):
     """
 
     default_tokenizer = "wordpiece"
+    exact_eval = True
     batch_keys: ClassVar[tuple[str, ...]]
     row_shapes: ClassVar[dict[str, tuple[str, ...]]]
 
@@ -116,6 +117,7 @@ class FinetuneTask(Task):
         process_index: int = 0,
         process_count: int = 1,
     ) -> Any:
+        """Batches of featurized examples (a record may give several rows: `fan_out`)."""
         _ = self.tokenizer  # checks the labels, trains or loads the tokenizer
         return data_tasks.train_batches(
             self.cfg,

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmflax import decode
 from lmflax.config import ConfigError
+from lmflax.core.losses import Metric, chunked_cross_entropy, cross_entropy
 from lmflax.data import pipeline
 from lmflax.models import GPT, BertConfig, BertForMaskedLM, GPTConfig
 from lmflax.tasks.base import Task
-from lmflax.train.losses import Metric, chunked_cross_entropy, cross_entropy
 
 
 def _lm_loss(
@@ -35,6 +36,7 @@ class CausalLM(Task):
     """Next-token prediction with a GPT decoder on packed documents."""
 
     name = "causal_lm"
+    make_batches = staticmethod(pipeline.causal_lm_dataset)
     default_tokenizer = "bpe"
 
     def build_model(self) -> GPT:
@@ -80,31 +82,10 @@ class CausalLM(Task):
         )
         return _lm_loss(self, params, hidden, batch["targets"], batch.get("weights"))
 
-    def dataset(
-        self,
-        split: str,
-        *,
-        seed: int,
-        batch_size: int,
-        process_index: int = 0,
-        process_count: int = 1,
-    ) -> Any:
-        return pipeline.causal_lm_dataset(
-            self.cfg,
-            self.tokenizer,
-            split,
-            seed=seed,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-        )
-
     def sample(self, params: Any, rng: jax.Array) -> str | None:
         t = self.cfg.train
         if t.sample_tokens == 0:
             return None
-        from lmflax import decode
-
         tok = self.tokenizer
         prompt = [tok.eos_id, *tok.encode(t.sample_prompt)]
         limit = (
@@ -126,8 +107,6 @@ class CausalLM(Task):
 
     def generate_text(self, params: Any, prompts: list[str], rng: jax.Array) -> list[str]:
         """Continues each prompt (left-padded into one batch), as `cfg.generate` says."""
-        from lmflax import decode
-
         tok, c = self.tokenizer, self.cfg
         ids, mask = decode.left_pad([[tok.eos_id, *tok.encode(p)] for p in prompts], tok.pad_id)
         rows = -(-len(prompts) // jax.device_count()) * jax.device_count()  # the batch is sharded
@@ -160,6 +139,7 @@ class MaskedLM(Task):
     """BERT's masked language modelling (80/10/10), loss on the chosen positions only."""
 
     name = "mlm"
+    make_batches = staticmethod(pipeline.mlm_dataset)
     default_tokenizer = "wordpiece"
 
     def build_model(self) -> BertForMaskedLM:
@@ -203,25 +183,6 @@ class MaskedLM(Task):
         loss, metrics = _lm_loss(self, params, take(hidden), take(targets), take(weights))
         dropped = jnp.sum(weights) - jnp.sum(take(weights))
         return loss, {**metrics, "mlm_dropped": (dropped, jnp.ones((), jnp.float32))}
-
-    def dataset(
-        self,
-        split: str,
-        *,
-        seed: int,
-        batch_size: int,
-        process_index: int = 0,
-        process_count: int = 1,
-    ) -> Any:
-        return pipeline.mlm_dataset(
-            self.cfg,
-            self.tokenizer,
-            split,
-            seed=seed,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-        )
 
     def sample(self, params: Any, rng: jax.Array) -> str | None:
         """Fills the [MASK]s of a fixed sentence with the model's top predictions."""

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmflax.config import Config
+from lmflax.core.losses import Metric
 from lmflax.data import tasks as data_tasks
 from lmflax.evaluate import metrics
 from lmflax.models import BertForQuestionAnswering
 from lmflax.tasks.finetune import Collector, FinetuneTask, Row, ratio
-from lmflax.train.losses import Metric
 
 _NEG = -1e9  # logits of padding positions: far below any real one, finite in float32
 

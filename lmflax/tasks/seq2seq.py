@@ -15,12 +15,12 @@ import numpy as np
 
 from lmflax import decode
 from lmflax.config import Config, ConfigError
+from lmflax.core.losses import Metric, cross_entropy
 from lmflax.data import seq2seq as data
 from lmflax.data.tokenizers import Tokenizer
 from lmflax.evaluate.generation import generation_metrics
 from lmflax.models import EncoderDecoder, Seq2SeqConfig
 from lmflax.tasks.base import Task
-from lmflax.train.losses import Metric, cross_entropy
 
 
 def seq2seq_loss(
@@ -46,6 +46,7 @@ class Seq2Seq(Task):
     """An encoder-decoder trained on (source, target) text pairs."""
 
     name = "seq2seq"
+    make_batches = staticmethod(data.seq2seq_dataset)
     default_tokenizer = "bpe"
 
     def __init__(self, cfg: Config):
@@ -95,25 +96,6 @@ class Seq2Seq(Task):
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array, deterministic: bool
     ) -> tuple[jax.Array, dict[str, Metric]]:
         return seq2seq_loss(self.model, params, batch, rng, deterministic)
-
-    def dataset(
-        self,
-        split: str,
-        *,
-        seed: int,
-        batch_size: int,
-        process_index: int = 0,
-        process_count: int = 1,
-    ) -> Any:
-        return data.seq2seq_dataset(
-            self.cfg,
-            self.tokenizer,
-            split,
-            seed=seed,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-        )
 
     def generate_text(self, params: Any, prompts: list[str], rng: jax.Array) -> list[str]:
         """Translates / summarises each source text, in batches of data.batch_size rows."""

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmflax.config import Config
+from lmflax.core.losses import Metric, cross_entropy
 from lmflax.data import tasks as data_tasks
 from lmflax.evaluate import metrics
 from lmflax.models import BertForTokenClassification
 from lmflax.tasks.finetune import Collector, FinetuneTask, Row, ratio
-from lmflax.train.losses import Metric, cross_entropy
 
 
 def word_tags(

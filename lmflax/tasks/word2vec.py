@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmflax.config import ConfigError
+from lmflax.core.losses import Metric
 from lmflax.data import word2vec as data_w2v
 from lmflax.models.word2vec import Word2Vec, Word2VecConfig
 from lmflax.tasks.base import Task
-from lmflax.train.losses import Metric
+from lmflax.vectors import WordVectors, nearest
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Word2VecTask(Task):
     """
 
     name = "word2vec"
+    make_batches = staticmethod(data_w2v.word2vec_dataset)
 
     def build_model(self) -> Word2Vec:
         if not isinstance(self.cfg.model, Word2VecConfig):
@@ -110,29 +112,12 @@ class Word2VecTask(Task):
         metrics["words_per_example"] = (jnp.sum(batch["words"]), metrics["loss"][1])
         return loss_sum, metrics
 
-    def dataset(
-        self,
-        split: str,
-        *,
-        seed: int,
-        batch_size: int,
-        process_index: int = 0,
-        process_count: int = 1,
-    ) -> Any:
-        return data_w2v.word2vec_dataset(
-            self.cfg,
-            self.vocabulary,
-            split,
-            seed=seed,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-        )
+    def data_vocabulary(self) -> Any:
+        """word2vec's batches are made with its own word vocabulary, not a subword tokenizer."""
+        return self.vocabulary
 
     def word_vectors(self, params: Any) -> Any:
         """The trained input vectors of the vocabulary's words, as `lmflax.vectors.WordVectors`."""
-        from lmflax.vectors import WordVectors
-
         table = np.asarray(jax.device_get(params["input_embed"]["embedding"]), np.float32)
         words = self.vocabulary.words
         return WordVectors(list(words), table[: len(words)])
@@ -143,8 +128,6 @@ class Word2VecTask(Task):
         del rng
         if self.cfg.train.sample_tokens == 0:
             return None
-        from lmflax.vectors import nearest
-
         wv = self.word_vectors(params)
         vocab = self.vocabulary
         queries = [

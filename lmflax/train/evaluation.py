@@ -1,6 +1,5 @@
-"""Evaluation beyond the training loop: exact whole-split evaluation of fine-tuning tasks, and
-`--eval_only` (evaluate a workdir's newest checkpoint, or the parameters `Trainer.initialize`
-makes, and print a metrics table).
+"""Evaluation: `evaluate` (what the loop and `lmflax eval` report), the exact whole-split
+evaluation of fine-tuning tasks (`evaluate_split`), and `format_table` for printing metrics.
 
 Exactness: device metrics come out of the jitted step as sums over the global batch (already
 summed over every device and host); host metrics (entities, answers) are counts per process,
@@ -9,12 +8,9 @@ summed over processes with an all-gather. Padding rows that fill the last batch 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import sys
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +18,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lmflax import config as config_lib
-from lmflax.config import Config, ConfigError
+from lmflax.config import ConfigError
+from lmflax.core.losses import finalize
+from lmflax.core.state import TrainState
 from lmflax.tasks.finetune import FinetuneTask
-from lmflax.train.state import TrainState
+from lmflax.train.trainer import Trainer
 
 log = logging.getLogger("lmflax")
 
@@ -59,10 +56,10 @@ def _eval_outputs_fn(trainer: Any) -> Any:
     return cache[key]
 
 
-def evaluate_finetune(
-    trainer: Any, state: TrainState, split: str, max_batches: int
+def evaluate_split(
+    trainer: Trainer, state: TrainState, split: str, max_batches: int
 ) -> dict[str, float]:
-    """Metrics of a fine-tuning task over `split` once (or its first max_batches batches)."""
+    """Metrics of an `exact_eval` task over `split` once (or its first max_batches batches)."""
     task: FinetuneTask = trainer.task
     cfg = trainer.cfg
     per_process = cfg.data.batch_size // jax.process_count()
@@ -103,58 +100,34 @@ def evaluate_finetune(
 
 
 # ---------------------------------------------------------------------------------------------
-# --eval_only
+# Any task
 
 
-def load_config(
-    config_spec: str | None, workdir: str | None, overrides: list[str]
-) -> tuple[Config, str]:
-    """The config to evaluate with: --config if given, else the workdir's config.json (what the
-    checkpoint was trained with), plus the --config.KEY=VALUE overrides."""
-    if config_spec is None and workdir and (Path(workdir) / "config.json").exists():
-        cfg = config_lib.from_json((Path(workdir) / "config.json").read_text())
-        name = Path(workdir).name
-    else:
-        cfg, name = config_lib.load_config_file(config_spec)
-    return config_lib.validate(config_lib.apply_overrides(cfg, overrides)), name
+def evaluate(
+    trainer: Trainer,
+    state: TrainState,
+    split: str,
+    steps: int,
+    eval_fn: Any,
+    num_shards: int | None = None,
+) -> dict[str, float]:
+    """Exact metrics over the first `steps` batches of `split` (the same batches every time).
 
-
-def evaluate_only(cfg: Config, workdir: str | Path) -> tuple[dict[str, float], str]:
-    """Evaluates on data.eval_split (train.eval_steps batches at most) the newest checkpoint in
-    workdir/checkpoints, or, when there is none, the parameters `Trainer.initialize()` makes
-    (random, or imported where the model config says so). Returns (metrics, what was
-    evaluated). Nothing is written."""
-    from lmflax.train.checkpoint import Checkpointer
-    from lmflax.train.loop import Trainer, evaluate
-
-    if not cfg.data.eval_split:
-        raise ConfigError("--eval_only needs data.eval_split (it is empty)")
-    trainer = Trainer.create(cfg, init=False)
-    ckpt_dir = Path(workdir) / "checkpoints"
-    with trainer.context():
-        step = None
-        if ckpt_dir.is_dir():
-            ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints, async_save=False)
-            try:
-                step = ckpt.latest_step()
-                if step is not None:
-                    arrays, _ = ckpt.restore(step, trainer.abstract_for_restore(), None)
-                    state = trainer.state.with_arrays(arrays)
-            finally:
-                ckpt.close()
-        if step is None:
-            state = trainer.initialize()
-            source = f"fresh parameters (no checkpoint in {ckpt_dir})"
-            init_from = getattr(cfg.model, "init_from", None)
-            if init_from:
-                source = f"parameters from {init_from} (no checkpoint in {ckpt_dir})"
-        else:
-            source = f"checkpoint step {step} of {ckpt_dir}"
-        log.info("evaluating %s on %s", source, cfg.data.eval_split)
-        values = evaluate(
-            trainer, state, cfg.data.eval_split, cfg.train.eval_steps, trainer.jit_eval_step()
-        )
-    return values, source
+    Tasks with `exact_eval` (fine-tuning) evaluate the split once (at most `steps` batches)
+    with their own metrics (`evaluate_split`)."""
+    if trainer.task.exact_eval:
+        return evaluate_split(trainer, state, split, steps)
+    it = trainer.batches(split, num_shards)
+    total = None
+    try:
+        for _ in range(steps):
+            m = eval_fn(state, trainer.global_batch(next(it)))
+            total = m if total is None else jax.tree.map(jnp.add, total, m)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    return finalize(jax.device_get(total))
 
 
 def format_table(values: dict[str, float], title: str) -> str:
@@ -164,35 +137,3 @@ def format_table(values: dict[str, float], title: str) -> str:
     for k, v in values.items():
         lines.append(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     return "\n".join(lines)
-
-
-def main(
-    config_spec: str | None,
-    workdir: str | None,
-    overrides: list[str],
-    *,
-    stream: TextIO | None = None,
-) -> int:
-    """`train.py --eval_only`: prints the metrics table (and one JSON line) to stdout. Exit
-    codes as train.py's: 0, 1 runtime failure, 2 bad config."""
-    import tensorflow_datasets as tfds
-
-    from lmflax.data.sources import DataError
-
-    tfds.disable_progress_bar()
-    out = stream or sys.stdout
-    try:
-        cfg, name = load_config(config_spec, workdir, overrides)
-        workdir = workdir or str(Path("runs") / name)
-        values, source = evaluate_only(cfg, workdir)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if jax.process_index() == 0:
-        title = f"{cfg.task.name} on {cfg.data.dataset} [{cfg.data.eval_split}]: {source}"
-        print(format_table(values, title), file=out)
-        print(json.dumps({"eval": values, "source": source}), file=out)
-    return 0

@@ -7,173 +7,34 @@ run(config, workdir): validate -> build task/model/data -> mesh and shardings ->
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.experimental import multihost_utils
 
 from lmflax import config as config_lib
 from lmflax.config import Config, ConfigError
-from lmflax.data import shards
-from lmflax.parallel import batch_sharding, logical_shardings, make_mesh, unbox
-from lmflax.tasks import Task, make_task
-from lmflax.tasks.finetune import FinetuneTask
-from lmflax.train.checkpoint import Checkpointer, abstract_with_shardings
-from lmflax.train.losses import finalize
+from lmflax.core.losses import finalize
+from lmflax.core.state import TrainState
+from lmflax.data import sources
+from lmflax.parallel import validate_devices
+from lmflax.train import plan
+from lmflax.train.checkpoint import Checkpointer
+from lmflax.train.checks import resolve
+from lmflax.train.evaluation import evaluate
 from lmflax.train.metrics import MetricWriter, Progress
-from lmflax.train.optim import make_optimizer
-from lmflax.train.state import TrainState
-from lmflax.train.step import eval_step, train_step
+from lmflax.train.trainer import Trainer
 
 log = logging.getLogger("lmflax")
-
-
-@dataclasses.dataclass
-class Trainer:
-    """Everything built from a config before the first step; usable without the loop (tests,
-    benchmarks, the planner)."""
-
-    cfg: Config
-    task: Task
-    mesh: jax.sharding.Mesh
-    state: TrainState
-    state_shardings: Any
-    abstract_state: Any
-    batch_sharding: NamedSharding
-    init_fn: Any
-    init_rng: jax.Array
-
-    @classmethod
-    def create(
-        cls, cfg: Config, *, init: bool = True, devices: Sequence[jax.Device] | None = None
-    ) -> Trainer:
-        """Builds the task, mesh and train state: freshly initialised and sharded if `init`,
-        else abstract (ShapeDtypeStructs; restore a checkpoint or call `initialize`).
-
-        devices: the mesh's devices (default all, over every process); the planner passes the
-        devices of a TPU topology description to compile for a slice it does not have.
-        """
-        config_lib.validate(cfg)
-        devices = list(jax.devices() if devices is None else devices)
-        config_lib.validate_devices(cfg, len(devices))
-        task = make_task(cfg)
-        mesh = make_mesh(cfg.mesh, devices)
-        rules = list(cfg.mesh.rules)
-        tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-        dp = mesh.shape["data"] * mesh.shape["fsdp"]
-        dummy = task.dummy_batch(dp)
-
-        def init_fn(rng: jax.Array) -> dict[str, Any]:
-            params = task.init(rng, dummy)["params"]
-            return {
-                "step": jnp.zeros((), jnp.int32),
-                "params": params,
-                "opt_state": tx.init(params),
-            }
-
-        init_rng = jax.random.fold_in(jax.random.key(cfg.train.seed), 0)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            boxed = jax.eval_shape(init_fn, init_rng)
-        shardings = logical_shardings(boxed, mesh, rules)
-        abstract = unbox(boxed)
-        state = TrainState(
-            step=abstract["step"],
-            params=abstract["params"],
-            opt_state=abstract["opt_state"],
-            tx=tx,
-            loss_fn=task.loss,
-            schedule=schedule,
-            grad_accum_steps=cfg.optimizer.grad_accum_steps,
-        )
-        trainer = cls(
-            cfg=cfg,
-            task=task,
-            mesh=mesh,
-            state=state,
-            state_shardings=state.with_arrays(shardings),
-            abstract_state=abstract,
-            batch_sharding=batch_sharding(mesh, rules),
-            init_fn=init_fn,
-            init_rng=init_rng,
-        )
-        if init:
-            trainer.state = trainer.initialize()
-        return trainer
-
-    def initialize(self) -> TrainState:
-        """A fresh train state, created directly in its shardings (never whole on one device).
-
-        With `model.init_from='hf:DIR'` the parameters then take the checkpoint's values."""
-        shardings = self.state_shardings.arrays()
-        with self.context():
-            arrays = jax.jit(lambda r: nn.meta.unbox(self.init_fn(r)), out_shardings=shardings)(
-                self.init_rng
-            )
-        if self.cfg.model.init_from:
-            from lmflax.hf import init_params
-
-            arrays["params"] = init_params(self.cfg.model, arrays["params"], shardings["params"])
-        return self.state.with_arrays(arrays)
-
-    def context(self) -> contextlib.ExitStack:
-        """The mesh and logical-axis rules that tracing the steps needs."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(list(self.cfg.mesh.rules)))
-        return stack
-
-    def jit_train_step(self) -> Any:
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        return jax.jit(
-            train_step,
-            in_shardings=(self.state_shardings, self.batch_sharding, replicated),
-            out_shardings=(self.state_shardings, replicated),
-            donate_argnums=(0,),
-        )
-
-    def jit_eval_step(self) -> Any:
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        return jax.jit(
-            eval_step,
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=replicated,
-        )
-
-    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows -> one global array per key, sharded over the batch axes."""
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-            for k, v in local.items()
-        }
-
-    def abstract_for_restore(self) -> Any:
-        """The checkpoint's arrays as ShapeDtypeStructs carrying this mesh's shardings."""
-        return abstract_with_shardings(self.abstract_state, self.state_shardings.arrays())
-
-    def batches(self, split: str, num_shards: int | None = None) -> shards.ShardedBatches:
-        """This process's rows of the global batches of `split`, read as `num_shards` data
-        shards (default data.num_shards, or one per process)."""
-        cfg = self.cfg
-        return shards.for_task(
-            self.task,
-            split,
-            seed=cfg.train.seed,
-            sharding=self.batch_sharding,
-            global_batch=cfg.data.batch_size,
-            num_shards=num_shards or cfg.data.num_shards or jax.process_count(),
-        )
 
 
 def _prepare_workdir(workdir: Path, cfg: Config, is_writer: bool) -> None:
@@ -205,31 +66,6 @@ def _prepare_workdir(workdir: Path, cfg: Config, is_writer: bool) -> None:
         tmp = saved.with_suffix(".tmp")
         tmp.write_text(config_lib.to_json(cfg))
         tmp.replace(saved)
-
-
-def evaluate(
-    trainer: Trainer,
-    state: TrainState,
-    split: str,
-    steps: int,
-    eval_fn: Any,
-    num_shards: int | None = None,
-) -> dict[str, float]:
-    """Exact metrics over the first `steps` batches of `split` (the same batches every time).
-
-    Fine-tuning tasks evaluate the split once (at most `steps` batches) with their own metrics
-    (lmflax.train.evaluation)."""
-    if isinstance(trainer.task, FinetuneTask):
-        from lmflax.train.evaluation import evaluate_finetune
-
-        return evaluate_finetune(trainer, state, split, steps)
-    it = trainer.batches(split, num_shards)
-    total = None
-    for _ in range(steps):
-        m = eval_fn(state, trainer.global_batch(next(it)))
-        total = m if total is None else jax.tree.map(jnp.add, total, m)
-    _close(it)
-    return finalize(jax.device_get(total))
 
 
 def _close(it: Any) -> None:
@@ -276,8 +112,6 @@ class _StopRequests:
         if jax.process_count() > 1:
             # Multi-host preemption notices arrive through the coordination service; all hosts
             # reach the same answer at the same step.
-            from jax.experimental import multihost_utils
-
             try:
                 if multihost_utils.reached_preemption_sync_point(step):
                     self.requested = "preemption notice"
@@ -295,8 +129,6 @@ def _state_bytes(abstract: Any) -> int:
 
 def _check_disk(workdir: Path, abstract: Any, keep: int) -> None:
     """Refuses to start when the workdir's filesystem cannot hold the checkpoints the run keeps."""
-    import shutil
-
     need = _state_bytes(abstract) * (keep + 1)  # the kept ones plus one being written
     free = shutil.disk_usage(workdir).free
     if need > free:
@@ -422,8 +254,8 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     checkpoint and returns early with summary['preempted'] set.
     """
     workdir = Path(workdir)
-    config_lib.validate(cfg)
-    config_lib.validate_devices(cfg, jax.device_count())
+    cfg = resolve(cfg)
+    validate_devices(cfg, jax.device_count())
     is_writer = jax.process_index() == 0
     _prepare_workdir(workdir, cfg, is_writer)
     t = cfg.train
@@ -431,8 +263,6 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     trainer = Trainer.create(cfg, init=False)
     _check_disk(workdir, trainer.abstract_state, t.keep_checkpoints)
     if cfg.mesh.memory_budget_gib:
-        from lmflax import plan
-
         # Compiled ahead of time from shapes alone: a config that cannot fit stops here, before
         # any parameter is allocated.
         plan.check_budget(plan.make_plan(trainer), cfg.mesh.memory_budget_gib)
@@ -442,8 +272,6 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     )
     if cfg.data.eval_split:
         # Fail now, not after hours of training, if the evaluation split is missing.
-        from lmflax.data import sources
-
         sources.data_source(
             cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir, download=cfg.data.download
         )

@@ -19,7 +19,7 @@ class MetricWriter:
         self.workdir = workdir
         self._tb = None
         if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # deferred: only when TensorBoard is on
 
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 

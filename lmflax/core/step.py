@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmflax.train.losses import Metric
-from lmflax.train.state import TrainState
+from lmflax.core.losses import Metric
+from lmflax.core.state import TrainState
 
 
 def _add(a: Any, b: Any) -> Any:

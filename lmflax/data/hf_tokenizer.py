@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from lmflax.data.hub import CheckpointError, model_dir
 from lmflax.data.tokenizers import Tokenizer
-from lmflax.hf.files import CheckpointError, model_dir
 
 SPECIAL_KEYS = (
     "pad_token",
@@ -323,8 +324,6 @@ class HFTokenizer:
             )
         arrays = {k: np.asarray(v, dtype=np.int32).reshape(len(inputs), -1) for k, v in out.items()}
         if return_tensors == "jax":
-            import jax.numpy as jnp
-
             return {k: jnp.asarray(v) for k, v in arrays.items()}
         return arrays
 

@@ -23,6 +23,7 @@ compiles with heuristics instead of autotuning and reports no FLOP count.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -31,9 +32,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmflax.config import Config, ConfigError
+from lmflax.train.trainer import Trainer
 
 GIB = 1024**3
 
@@ -372,15 +375,11 @@ def topology_devices(name: str) -> list[jax.Device]:
                 f"--topology={name!r}: the GPU count after ':' must be a positive integer"
             )
         return gpu_topology_devices(chip.lower(), int(count))
-    import importlib.util
-
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError(
             f"--topology={name} needs libtpu to compile for TPUs: pip install 'libtpu==0.0.42.*' "
             "(the version jax[tpu]==0.10.2 pins)"
         )
-    from jax.experimental import topologies
-
     # We only compile: several planners (or a planner next to a TPU job) may load libtpu at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
@@ -396,8 +395,6 @@ def topology_devices(name: str) -> list[jax.Device]:
 def cuda_plugin_installed() -> bool:
     """Whether jax's CUDA plugin (CUDA 12 or 13) is installed, which compiling for NVIDIA GPUs
     needs; a GPU is not needed."""
-    import importlib.util
-
     plugins = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
     return any(importlib.util.find_spec(p) is not None for p in plugins)
 
@@ -412,8 +409,6 @@ def gpu_topology_devices(chip: str, count: int = 1) -> list[jax.Device]:
             "jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 (and nvidia-cudnn-cu12 for cuDNN "
             "attention), as the test extra does; no GPU is needed"
         )
-    from jax.experimental import topologies
-
     desc = topologies.get_topology_desc(
         platform="cuda", target_config=GPU_TARGETS[chip].proto_text(), topology=f"1x1x{count}"
     )
@@ -430,8 +425,6 @@ def main(
 ) -> tuple[Plan, str]:
     """Plans cfg on `devices` (default: this machine's, or the TPU topology's); returns the plan
     and its report. Raises ConfigError when it does not fit the budget."""
-    from lmflax.train.loop import Trainer
-
     if topology is not None:
         devices = topology_devices(topology)
     trainer = Trainer.create(cfg, init=False, devices=devices)

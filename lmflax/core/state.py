@@ -9,7 +9,7 @@ import jax
 import optax
 from flax import struct
 
-from lmflax.train.losses import Metric
+from lmflax.core.losses import Metric
 
 # (params, batch, rng, deterministic) -> (loss_sum, {name: (sum, count)})
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array, bool], tuple[jax.Array, dict[str, Metric]]]

@@ -1,0 +1,129 @@
+"""`Run.open(workdir)`: a saved run read back — its config, a `Trainer` for it, and the
+parameters of one of its checkpoints. Evaluation, generation, pictures and word vectors all
+open runs this way."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from lmflax import config as config_lib
+from lmflax.config import Config, ConfigError
+from lmflax.core.state import TrainState
+from lmflax.tasks import Task
+from lmflax.train.checkpoint import Checkpointer
+from lmflax.train.checks import resolve
+from lmflax.train.trainer import Trainer
+
+
+class NoRunError(ConfigError):
+    """The workdir holds no run (no config.json) or no finished checkpoint to open."""
+
+
+def local_devices_config(cfg: Config) -> Config:
+    """cfg with a mesh and global batch for whatever devices are here (inspection runs on this
+    machine, not on the training mesh; the model stays the run's)."""
+    return config_lib.override(
+        cfg,
+        {
+            "mesh.data": -1,
+            "mesh.fsdp": 1,
+            "mesh.tensor": 1,
+            "data.batch_size": jax.device_count(),
+            "optimizer.grad_accum_steps": 1,
+        },
+    )
+
+
+@dataclasses.dataclass
+class Run:
+    """A run opened from its workdir. `step` is the checkpoint's, or None for fresh parameters
+    (only with `Run.open(..., fresh=True)` on a workdir that has no checkpoint)."""
+
+    workdir: Path
+    cfg: Config
+    trainer: Trainer
+    state: TrainState
+    step: int | None
+
+    @property
+    def task(self) -> Task:
+        return self.trainer.task
+
+    @property
+    def params(self) -> Any:
+        return self.state.params
+
+    @property
+    def source(self) -> str:
+        """What the parameters are, in words (for reports)."""
+        directory = self.workdir / "checkpoints"
+        if self.step is not None:
+            return f"checkpoint step {self.step} of {directory}"
+        init_from = getattr(self.cfg.model, "init_from", None)
+        what = f"parameters from {init_from}" if init_from else "fresh parameters"
+        return f"{what} (no checkpoint in {directory})"
+
+    @classmethod
+    def open(
+        cls,
+        workdir: str | Path,
+        overrides: Sequence[str] = (),
+        step: int | None = None,
+        *,
+        config: Config | None = None,
+        local_devices: bool = False,
+        fresh: bool = False,
+    ) -> Run:
+        """Opens the run in `workdir` at checkpoint `step` (default: the newest).
+
+        The config is workdir/config.json (what the checkpoint was trained with), or `config`
+        when given, with `overrides` ('KEY=VALUE') on top. local_devices: put the model on this
+        machine's devices whatever the run's mesh was. fresh: with no checkpoint, use the
+        parameters `Trainer.initialize` makes (random, or imported from model.init_from)
+        instead of raising NoRunError.
+        """
+        workdir = Path(workdir)
+        saved = workdir / "config.json"
+        if config is None:
+            if not saved.is_file():
+                raise NoRunError(
+                    f"no run in {workdir}: it has no config.json (train one with "
+                    f"`lmflax train --workdir={workdir}`, or check the path)"
+                )
+            config = config_lib.from_json(saved.read_text())
+        cfg = config_lib.apply_overrides(config, overrides)
+        if local_devices:
+            cfg = local_devices_config(cfg)
+        cfg = resolve(cfg)
+        trainer = Trainer.create(cfg, init=False)
+        directory = workdir / "checkpoints"
+        steps: list[int] = []
+        ckpt = None
+        if directory.is_dir():
+            ckpt = Checkpointer(directory, keep=cfg.train.keep_checkpoints, async_save=False)
+        try:
+            steps = ckpt.all_steps() if ckpt is not None else []
+            if step is not None and step not in steps:
+                raise NoRunError(f"no checkpoint at step {step} in {directory}; there are {steps}")
+            if not steps:
+                if not fresh:
+                    raise NoRunError(
+                        f"no finished checkpoint in {directory}; train first (lmflax train "
+                        f"--workdir={workdir}) or point --workdir at a trained run"
+                    )
+                with trainer.context():
+                    state = trainer.initialize()
+                return cls(workdir=workdir, cfg=cfg, trainer=trainer, state=state, step=None)
+            step = max(steps) if step is None else step
+            with trainer.context():
+                arrays, _ = ckpt.restore(step, trainer.abstract_for_restore(), None)
+        finally:
+            if ckpt is not None:
+                ckpt.close()
+        state = trainer.state.with_arrays(arrays)
+        return cls(workdir=workdir, cfg=cfg, trainer=trainer, state=state, step=step)
