@@ -34,6 +34,11 @@ class BertConfig(ModelConfig):
             errs.append(f"model.type_vocab_size must be > 0, got {self.type_vocab_size}")
         if self.position != "learned":
             errs.append(f"BERT uses learned positions; model.position is {self.position!r}")
+        if not self.tie_embeddings:
+            errs.append(
+                "model.tie_embeddings=False is not supported for BERT: its MLM decoder is the "
+                "token embedding matrix (as in BERT and Hugging Face's BertForMaskedLM)"
+            )
         return errs
 
 
