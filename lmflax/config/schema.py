@@ -305,7 +305,7 @@ class MeshConfig:
 
     rules map logical axis names (used by every parameter and activation) to mesh axes.
     memory_budget_gib: per-device memory (GiB) the compiled train step may use; a config that
-    needs more is refused before anything is allocated (0 = unchecked). See lmflax.plan.
+    needs more is refused before anything is allocated (0 = unchecked). See lmflax.train.plan.
     """
 
     data: int = -1
