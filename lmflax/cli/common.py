@@ -60,6 +60,9 @@ def setup_logging(quiet: bool = False) -> None:
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname).1s %(message)s",
         datefmt="%H:%M:%S",
+        # absl's logging calls logging.basicConfig() the first time it logs (orbax logs while it
+        # is imported), which would make ours a silent no-op: replace its handler.
+        force=True,
     )
     for noisy in ("absl", "jax", "orbax", "tensorflow_datasets", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -158,7 +158,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     del overrides
-    logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(message)s", force=True)
     try:
         w, _, h = args.size.partition("x")
         size = (int(w), int(h))
