@@ -194,6 +194,10 @@ class TrainConfig:
     bit-for-bit unchanged, and the skips are counted in the metrics); either way no update from a
     non-finite step is ever applied or saved.
     sample_tokens tokens are generated from sample_prompt at the end (0 = no sample).
+    writers: where logged values go, comma-separated: 'jsonl' (workdir/metrics.jsonl, which
+    `lmflax viz curves` and analysis read), 'tensorboard' (workdir/tensorboard), and
+    'python:MODULE:CALLABLE' for any other (a callable taking the workdir and returning an
+    object with write_scalars, write_texts, flush, close: a clu MetricWriter, a W&B adapter).
     """
 
     steps: int = 1000
@@ -210,6 +214,7 @@ class TrainConfig:
     sample_tokens: int = 64
     sample_temperature: float = 0.8
     progress: bool = True
+    writers: str = "jsonl,tensorboard"
 
     def validate(self) -> list[str]:
         """The problems of this section as messages (empty = valid)."""
@@ -230,6 +235,12 @@ class TrainConfig:
         one_of(errs, "train.nonfinite", self.nonfinite, ("stop", "skip"))
         if self.sample_temperature < 0:
             errs.append(f"train.sample_temperature must be >= 0, got {self.sample_temperature}")
+        for w in (x.strip() for x in self.writers.split(",")):
+            if w and w not in ("jsonl", "tensorboard") and not w.startswith("python:"):
+                errs.append(
+                    f"train.writers entry {w!r} is not a writer; accepted: jsonl, tensorboard, "
+                    f"python:MODULE:CALLABLE{suggest(w, ('jsonl', 'tensorboard'))}"
+                )
         return errs
 
 
