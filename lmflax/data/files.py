@@ -40,6 +40,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -55,6 +56,8 @@ from lmflax.config import Config, ConfigError
 from lmflax.config.schema import FILE_KINDS, field_map, file_dataset_splits
 from lmflax.data import sources
 from lmflax.data.sources import DataError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 CACHE_DIR = "lmflax_files"
@@ -582,6 +585,7 @@ def _write(plan: Plan, tmp: Path) -> None:
     dataset under `tmp` (removed again if anything fails)."""
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a crashed conversion
+    log.info("converting %s to ArrayRecord -> %s", plan.dataset, tmp.with_suffix(""))
     label_fields = [f for f in plan.fields if f.kind in ("label", "tags")]
     seen: dict[str, dict[str, set[str]]] = {}  # split -> feature -> labels
     counts: dict[str, int] = {}
@@ -614,6 +618,13 @@ def _write(plan: Plan, tmp: Path) -> None:
                 "(data.validation_fraction); give more records or a validation file"
             )
         carved = set(sorted(range(n), key=lambda i: (hashes[i], i))[:k])
+        log.info(
+            "%s: %d of %d records form the 'validation' split (data.validation_fraction=%g)",
+            plan.dataset,
+            k,
+            n,
+            plan.fraction,
+        )
 
     def generate(split: str, keep: Callable[[int], bool]) -> Iterator[tuple[str, dict[str, Any]]]:
         for i, (where, rec) in enumerate(plan.records(split)):
