@@ -287,6 +287,15 @@ def test_csv_classification_gives_the_batches_and_eval_rows_of_the_same_rows_in_
     )
     assert a.label_names == b.label_names == ("negative", "positive")
     assert_same_batches(first_batches(a, "train", 20), first_batches(b, "train", 20))  # > 1 epoch
+    # a data shard (process_index / process_count) reads the same records too
+    for task in (a, b):
+        task.shard = [
+            next(
+                iter(task.dataset("train", seed=3, batch_size=4, process_index=1, process_count=2))
+            )
+            for _ in range(2)
+        ]
+    assert_same_batches(a.shard, b.shard)
     ea, eb = a.eval_features("validation"), b.eval_features("validation")
     assert len(ea) == len(eb) == 24
     assert_same_batches([a.collate(ea, 24)], [b.collate(eb, 24)])
@@ -407,6 +416,41 @@ def test_one_conversion_cached_by_content(tmp_path, monkeypatch):
     write_csv(path, rows[:-1])  # edited: a new conversion
     assert len(records(cfg, "train")) + len(records(cfg, "validation")) == 39
     assert len(cached(tmp_path / "d")) == 2
+
+
+_PREPARE = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+from lmflax.config import load_config_file, override
+from lmflax.data import files
+cfg, _ = load_config_file("sst2")
+cfg = override(cfg, {"data.dataset": sys.argv[1], "data.data_dir": sys.argv[2],
+                     "data.text_key": "sentence"})
+print(files.prepare(cfg))
+"""
+
+
+@pytest.mark.slow
+def test_processes_converting_at_once_convert_once(tmp_path):
+    """Three processes start on the same new files: one converts, the others wait and reuse it
+    (without the lock in sources.build_once this sees three conversions)."""
+    path = write_csv(tmp_path / "r.csv", sentiment_rows(20000, 0))  # a conversion of ~1 s
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PREPARE, f"csv:{path}", str(tmp_path / "d")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert len({o.strip().splitlines()[-1] for o, _ in outs}) == 1  # one directory for all
+    assert sum("converting csv:" in e for _, e in outs) == 1, [e[-600:] for _, e in outs]
+    assert len(cached(tmp_path / "d")) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -721,6 +721,7 @@ def prepare(cfg: Config) -> Path:
     if memo not in _PREPARED:
         dest = data_dir / CACHE_DIR / f"{plan.stem()}-{plan.key()}"
         sources.build_once(dest, lambda tmp: _write(plan, tmp))
+        log.info("%s: reading the converted records in %s", plan.dataset, dest)
         _PREPARED[memo] = dest
     return _PREPARED[memo] / BUILDER / str(FileDataset.VERSION)
 
