@@ -616,21 +616,25 @@ MALFORMED = [
         {"r.csv": GOOD, "v.csv": GOOD + "meh film,neutral\n"},
         "csv:train={d}/r.csv,validation={d}/v.csv",
         {},
-        ["v.csv:4:", "'neutral' is not in the label set", "'negative', 'positive'"],
+        [
+            "v.csv:4:",
+            "label 'neutral' (column 'label', data.label_key) is not in the label set",
+            "('negative', 'positive'; from the training rows)",
+        ],
         id="label-not-in-set",
     ),
     pytest.param(
         {"r.csv": GOOD + "ok film,Positive\n"},
         "csv:{d}/r.csv",
         {"data.label_names": ("negative", "positive")},
-        ["r.csv:4:", "'Positive' is not in the label set", "data.label_names"],
+        ["r.csv:4:", "label 'Positive'", "not in the label set", "from data.label_names"],
         id="label-not-in-label-names",
     ),
     pytest.param(
         {"r.csv": GOOD + "ok film,7\n"},
         "csv:{d}/r.csv",
         {"data.label_names": ("negative", "positive")},
-        ["r.csv:4:", "'7' is not in the label set"],
+        ["r.csv:4:", "label '7'", "is not in the label set"],
         id="label-id-out-of-range",
     ),
     pytest.param(
@@ -651,7 +655,7 @@ MALFORMED = [
         {"r.csv": GOOD + "only one field\n"},
         "csv:{d}/r.csv",
         {},
-        ["r.csv:4:", "1 fields, the header has 2"],
+        ["r.csv:4:", "1 field, the header has 2"],
         id="csv-ragged-row",
     ),
     pytest.param(
@@ -714,8 +718,12 @@ def _write_files(root: Path, written: dict[str, str | bytes]) -> None:
 
 @pytest.mark.parametrize("written,dataset,updates,expected", MALFORMED)
 def test_malformed_files_name_file_and_line_and_cache_nothing(
-    tmp_path, written, dataset, updates, expected
+    tmp_path, monkeypatch, written, dataset, updates, expected
 ):
+    def write(*args, **kwargs):
+        raise AssertionError("a bad record was found only once writing had started")
+
+    monkeypatch.setattr(files.FileDataset, "download_and_prepare", write)
     _write_files(tmp_path, written)
     name = "gpt_tiny" if updates.get("task.name") == "causal_lm" else "sst2"
     if updates.get("task.name") == "tagging":

@@ -265,7 +265,9 @@ def _csv_records(path: Path, kind: str, columns: list[str]) -> Iterator[tuple[st
         where = f"{path}:{start + 1}"
         start = current[0]
         if len(row) != len(header):
-            raise DataError(f"{where}: {len(row)} fields, the header has {len(header)}")
+            raise DataError(
+                f"{where}: {len(row)} field{'s' * (len(row) != 1)}, the header has {len(header)}"
+            )
         yield where, dict(zip(header, row))
 
 
@@ -452,15 +454,18 @@ class LabelSet:
             ordered = ["O", *(n for n in ordered if n != "O")]
         return LabelSet(tuple(ordered), "the training rows")
 
-    def id(self, where: str, label: str, what: str) -> int:
+    def id(self, where: str, label: str, field: Field) -> int:
+        """The id of `label` (a name, or an id in decimal) read at `where` from `field`."""
         if label in self._ids:
             return self._ids[label]
         if re.fullmatch(r"\d+", label) and int(label) < len(self.names):
             return int(label)
         shown = ", ".join(map(repr, self.names[:20])) + (", ..." if len(self.names) > 20 else "")
+        what = "tag" if field.kind == "tags" else "label"
         raise DataError(
-            f"{where}: {what} {label!r} is not in the label set ({shown}; from {self.source}); "
-            "set data.label_names to the full set, in id order"
+            f"{where}: {what} {label!r} (column {field.column!r}, {field.setting}) is not in "
+            f"the label set ({shown}; from {self.source}); set data.label_names to the full "
+            "set, in id order"
         )
 
 
@@ -587,17 +592,19 @@ def _write(plan: Plan, tmp: Path) -> None:
         shutil.rmtree(tmp)  # left by a crashed conversion
     log.info("converting %s to ArrayRecord -> %s", plan.dataset, tmp.with_suffix(""))
     label_fields = [f for f in plan.fields if f.kind in ("label", "tags")]
-    seen: dict[str, dict[str, set[str]]] = {}  # split -> feature -> labels
+    # split -> feature -> label -> where it first occurs
+    seen: dict[str, dict[str, dict[str, str]]] = {}
     counts: dict[str, int] = {}
     hashes: list[bytes] = []
     for split in plan.splits:
-        seen[split] = {f.feature: set() for f in label_fields}
+        seen[split] = {f.feature: {} for f in label_fields}
         n = 0
-        for _, rec in plan.records(split):
+        for where, rec in plan.records(split):
             n += 1
             for f in label_fields:
                 value = rec[f.feature]
-                seen[split][f.feature].update(value if isinstance(value, list) else [value])
+                for label in value if isinstance(value, list) else [value]:
+                    seen[split][f.feature].setdefault(label, where)
             if split == "":
                 hashes.append(_content_hash(rec, plan.fields))
         if n == 0:
@@ -605,9 +612,13 @@ def _write(plan: Plan, tmp: Path) -> None:
         counts[split] = n
     train = "" if "" in plan.splits else "train"
     labels = {
-        f.feature: LabelSet.infer(seen[train][f.feature], plan.label_names, f.kind)
+        f.feature: LabelSet.infer(set(seen[train][f.feature]), plan.label_names, f.kind)
         for f in label_fields
     }
+    for split in plan.splits:  # every label of every split is in its set, before any writing
+        for f in label_fields:
+            for label, where in seen[split][f.feature].items():
+                labels[f.feature].id(where, label, f)
     carved: set[int] = set()
     if "" in plan.splits and plan.fraction > 0:
         n = counts[""]
@@ -631,12 +642,11 @@ def _write(plan: Plan, tmp: Path) -> None:
             if not keep(i):
                 continue
             for f in label_fields:
-                what = f"{f.setting} column {f.column!r}"
                 value = rec[f.feature]
                 rec[f.feature] = (
-                    [labels[f.feature].id(where, v, f"tag of {what}") for v in value]
+                    [labels[f.feature].id(where, v, f) for v in value]
                     if isinstance(value, list)
-                    else labels[f.feature].id(where, value, f"label of {what}")
+                    else labels[f.feature].id(where, value, f)
                 )
             yield f"{i:012d}", rec
 
