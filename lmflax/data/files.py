@@ -683,7 +683,8 @@ _PREPARED: dict[tuple[Any, ...], Path] = {}
 
 def use(cfg: Config) -> None:
     """Makes the file dataset `cfg.data.dataset` readable through `sources.data_source` with
-    the fields `cfg.task` needs (nothing is read yet). Tasks call this when they are made."""
+    the fields `cfg.task` needs (nothing is read yet). Tasks call this when they are made; in
+    one process the last task made for a dataset name decides how that name is read."""
     if not is_file_dataset(cfg.data.dataset):
         return
     plan_for(cfg)  # a task that cannot read files fails here, before any work
