@@ -67,26 +67,34 @@ class WeightSource(Mapping[str, np.ndarray]):
         self._shapes: dict[str, tuple[int, ...]] = {}  # of the safetensors tensors, from the header
         self._torch: dict[Path, _TorchZip] = {}
         files = self._shards(self.path) if self.path.name.endswith(".index.json") else None
-        for f in files or [self.path]:
-            if f.name.endswith(".safetensors"):
-                shapes = _check_safetensors_header(f)
-                self._shapes.update(shapes)
-                names = list(shapes)
-                try:
-                    handle = safe_open(str(f), framework="np")
-                except BaseException as e:  # the Rust reader can panic (a BaseException)
-                    if isinstance(e, KeyboardInterrupt | SystemExit):
-                        raise
-                    raise CheckpointError(
-                        f"{f} is not a readable safetensors file: {_describe(e)}"
-                    ) from None
-                self._safetensors[f] = handle
-            else:
-                zf = _TorchZip(f)
-                self._torch[f] = zf
-                names = list(zf.tensors)
-            for n in names:
-                self._where[n] = f
+        try:
+            for f in files or [self.path]:
+                self._open(f)
+        except BaseException:
+            self.close()  # the shards opened before the bad one
+            raise
+
+    def _open(self, f: Path) -> None:
+        """Opens one weight file (after checking what it states) and records its tensors."""
+        if f.name.endswith(".safetensors"):
+            shapes = _check_safetensors_header(f)
+            self._shapes.update(shapes)
+            names = list(shapes)
+            try:
+                handle = safe_open(str(f), framework="np")
+            except BaseException as e:  # the Rust reader can panic (a BaseException)
+                if isinstance(e, KeyboardInterrupt | SystemExit):
+                    raise
+                raise CheckpointError(
+                    f"{f} is not a readable safetensors file: {_describe(e)}"
+                ) from None
+            self._safetensors[f] = handle
+        else:
+            zf = _TorchZip(f)
+            self._torch[f] = zf
+            names = list(zf.tensors)
+        for n in names:
+            self._where[n] = f
 
     @staticmethod
     def _shards(index_path: Path) -> list[Path]:
