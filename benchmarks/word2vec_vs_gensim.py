@@ -51,6 +51,15 @@ def _alpha(args) -> float:
     return ALPHA[args.arch]
 
 
+def _batch(args) -> int:
+    """lmflax's batch: --batch-size, or configs/word2vec.py's for the architecture."""
+    if args.batch_size is not None:
+        return args.batch_size
+    from configs.word2vec import BATCH
+
+    return BATCH[args.arch]
+
+
 def _train_gensim(sentences, args, seed: int):
     from gensim.models import Word2Vec
 
@@ -91,7 +100,7 @@ def _train_lmflax(args, data_dir: str, total_words: int):
             "model.min_count": args.min_count,
             "model.sample": args.sample,
             "data.data_dir": data_dir,
-            "data.batch_size": args.batch_size,
+            "data.batch_size": _batch(args),
             "data.eval_split": "",
             "train.checkpoint_every": 0,
             "train.sample_tokens": 0,
@@ -99,7 +108,7 @@ def _train_lmflax(args, data_dir: str, total_words: int):
             "train.log_every": 20,
         },
     )
-    lr = args.lr if args.lr is not None else _alpha(args) * args.batch_size
+    lr = args.lr if args.lr is not None else _alpha(args) * _batch(args)
     cfg = override(cfg, {"optimizer.learning_rate": lr})
     if args.optimizer is not None:
         cfg = override(cfg, {"optimizer.name": args.optimizer})
@@ -160,7 +169,7 @@ def main() -> int:
     p.add_argument("--alpha", type=float, default=None, help="starting per-example rate (both)")
     p.add_argument("--lr", type=float, default=None, help="lmflax learning rate (alpha·batch)")
     p.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help="lmflax's")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--top", type=int, default=2000, help="compare the N most frequent words")
     p.add_argument("--data-dir", default=None)
@@ -238,7 +247,7 @@ def compare(args, data_dir: str, sentences, total: int) -> dict:
     print(
         f"throughput (corpus words/s): gensim {g_rate:,.0f} ({args.workers} workers), lmflax "
         f"{l_rate:,.0f} steady / {l_wall:,.0f} over the whole run incl. compile "
-        f"({steps} steps of {args.batch_size}, {jax.devices()[0].platform})"
+        f"({steps} steps of {_batch(args)}, {jax.devices()[0].platform})"
     )
     print(f"{'':34s}{'lmflax~gensim':>15s}{'gensim~gensim':>15s}{'random~gensim':>15s}")
     for name, key in (
