@@ -402,6 +402,9 @@ _DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16
 _DTYPES |= {"uint64", "uint32", "uint16", "uint8", "bool"}
 
 
+_SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None  # the cases are written in memory
+
+
 def run_worker(seeds: list[Path], cases: int, start: int, seed: int, **opts: Any) -> dict:
     """Reads `cases` mutated files (case i: seed file i % len(seeds), rng (seed, i))."""
     import resource
@@ -411,7 +414,8 @@ def run_worker(seeds: list[Path], cases: int, start: int, seed: int, **opts: Any
     case_timeout, verbose = opts.get("case_timeout", 10), opts.get("verbose", False)
     limit = 4 * 2**30  # a runaway allocation becomes a MemoryError, not a swapping machine
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    scratch = Path(tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    scratch = Path(opts.get("scratch") or tempfile.mkdtemp(dir=_SHM))
+    scratch.mkdir(parents=True, exist_ok=True)
     marker = scratch / "code-ran"
     originals = [p.read_bytes() for p in seeds]
     for path in seeds:  # warm up: every reading path once before the hook watches imports
@@ -501,8 +505,11 @@ def run_subprocess(
     cmd = [sys.executable, "-m", "benchmarks.fuzz_weights", "--worker", f"--cases={cases}"]
     cmd += [f"--start={start}", f"--seed={seed}", "--seeds", *map(str, seeds)]
     cmd += ["--verbose"] * verbose
+    scratch = tempfile.TemporaryDirectory(dir=_SHM)  # removed here even if the worker crashes
+    cmd += [f"--scratch={scratch.name}"]
     env = {
         **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
     }
     try:
@@ -512,6 +519,8 @@ def run_subprocess(
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
         return -1, None, f"timed out after {timeout} s (a hang)\n{err[-3000:]}"
+    finally:
+        scratch.cleanup()
     summary = None
     if proc.returncode in (0, 1) and proc.stdout.strip():
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -529,11 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="print each case as it starts")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seeds", nargs="*", default=None, help="seed files (default: written)")
+    parser.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         summary = run_worker(
             [Path(p) for p in args.seeds], args.cases, args.start, args.seed,
-            case_timeout=args.case_timeout, verbose=args.verbose,
+            case_timeout=args.case_timeout, verbose=args.verbose, scratch=args.scratch,
         )  # fmt: skip
         print(json.dumps(summary))
         return 1 if summary["failed"] else 0
