@@ -16,18 +16,13 @@ failure (message on stderr), 2 bad config or command line (or a plan that does n
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-# jax's CUDA plugin (the test extra installs it to compile GPU programs on machines without one)
-# reports a missing CUDA runtime at start-up as an error with a traceback. Without an NVIDIA
-# driver it cannot run anyway: skip its version check so JAX falls back to the CPU quietly.
-# This must happen before jax is imported, hence before the imports below.
-if not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-
+# First, before anything imports jax: without an NVIDIA driver, jax's CUDA plugin (which the test
+# extra installs to compile for GPUs) must skip its CUDA check (lmflax/config/jax_env.py).
+import lmflax.config.jax_env  # noqa: F401  # isort: split
 from lmflax.cli import common
 from lmflax.cli import config as config_cmd
 from lmflax.cli import eval as eval_cmd
