@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,40 @@ def verify_checksums(step_dir: Path) -> bool:
     return True
 
 
+class _QuietOrbaxFailures(logging.Filter):
+    """A failed background save (a full disk) makes orbax log the same error with its traceback
+    from several threads, hundreds of lines in all; lmflax reports it once, with what is still
+    intact, when it surfaces (`check_errors`, `wait`). Those records go to lmflax's DEBUG log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            log.debug("orbax: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
+def _closed_loop_hook(previous: Any) -> Any:
+    """sys.excepthook without the 'Event loop is closed' tracebacks that tensorstore's threads
+    print when a write completes after orbax has given up on a failed save."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            log.debug("a write finished after its save had failed: %s", value)
+            return
+        previous(kind, value, tb)
+
+    hook.lmflax_quiet = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _quiet_orbax_failures() -> None:
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbaxFailures) for f in absl.filters):
+        absl.addFilter(_QuietOrbaxFailures())
+    if not getattr(sys.excepthook, "lmflax_quiet", False):
+        sys.excepthook = _closed_loop_hook(sys.excepthook)
+
+
 class Checkpointer:
     """Owns an orbax CheckpointManager under `directory` (workdir/checkpoints).
 
@@ -156,6 +191,7 @@ class Checkpointer:
         self.verify = verify
         self.read_only = read_only
         self._saving: int | None = None  # the step whose save is in flight
+        _quiet_orbax_failures()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep,
             keep_period=None if read_only else keep_every or None,

@@ -8,6 +8,7 @@ run(config, workdir): validate -> build task/model/data -> mesh and shardings ->
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import shutil
@@ -199,9 +200,16 @@ class _Loop:
             )
 
     def _save_failed(self, e: Exception) -> TrainingError:
+        full = "No space left on device" in str(e) or getattr(e, "errno", None) == errno.ENOSPC
         return TrainingError(
             f"saving a checkpoint failed: {e}\nFinished checkpoints are intact: "
-            f"{self.ckpt.all_steps()} in {self.ckpt.directory}"
+            f"{self.ckpt.finished_steps()} in {self.ckpt.directory}"
+            + (
+                "\nThe disk is full: free space, then run the same command to continue from the "
+                "newest of them (the unfinished save is removed first)"
+                if full
+                else ""
+            )
         )
 
     def check_saves(self) -> None:
