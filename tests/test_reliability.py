@@ -23,7 +23,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lmflax.config import load_config_file, override
-from lmflax.train.checkpoint import CHECKSUMS, Checkpointer, CheckpointIntegrityError
+from lmflax.train.checkpoint import (
+    CHECKSUMS,
+    Checkpointer,
+    CheckpointIntegrityError,
+    verify_checksums,
+)
 from lmflax.train.metrics import read_metrics
 
 from .conftest import ROOT, run_train
@@ -348,6 +353,8 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(data_dir, tmp_path):
     finished = _steps(tmp_path)
     unfinished = [p.name for p in ckpts.iterdir() if not p.name.isdigit()]
     assert finished and unfinished, (finished, unfinished)
+    for s in finished:  # each finished checkpoint has its checksums, and they verify
+        assert verify_checksums(ckpts / str(s)), s
     resumed = run_train(
         [*args[:-4], "--config.train.steps=" + str(max(finished) + 2), *args[-3:]], data_dir
     )

@@ -139,7 +139,7 @@ class WorkdirLock:
     def acquire(self) -> None:
         """Takes the lock, taking over a stale one with a warning; else WorkdirLockedError."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for _ in range(20):
+        for attempt in range(100):
             me = self._me()
             if self._create(self.path, me):
                 self._token, self.held = me["token"], True
@@ -148,6 +148,9 @@ class WorkdirLock:
             holder = self._read()
             if holder is None:
                 continue  # released meanwhile: try again
+            if not holder and attempt < 40:
+                time.sleep(0.025)  # created a moment ago and not written yet: read it again
+                continue
             reason = self._stale_reason(holder)
             if reason is None:
                 raise WorkdirLockedError(
