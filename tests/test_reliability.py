@@ -633,7 +633,7 @@ def test_disk_check_counts_only_new_space(tmp_path, monkeypatch):
     # keep=1: checkpoint 10 stays until the next one (4 MiB) is finished; 3 MiB of the unfinished
     # save are removed before saving: 2 + 3 MiB free for 4 MiB.
     _check_disk(tmp_path, abstract, keep=1)
-    with pytest.raises(OSError, match=r"need about 0\.0[01] GiB more"):
+    with pytest.raises(OSError, match=r"need about 8\.0 MiB more"):
         _check_disk(tmp_path, abstract, keep=2)  # 2 x 4 MiB new
 
 

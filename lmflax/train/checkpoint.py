@@ -144,26 +144,40 @@ class _QuietOrbaxFailures(logging.Filter):
         return True
 
 
-def _closed_loop_hook(previous: Any) -> Any:
-    """sys.excepthook without the 'Event loop is closed' tracebacks that tensorstore's threads
-    print when a write completes after orbax has given up on a failed save."""
-
-    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            log.debug("a write finished after its save had failed: %s", value)
-            return
-        previous(kind, value, tb)
-
-    hook.lmflax_quiet = True  # type: ignore[attr-defined]
-    return hook
+def _is_closed_loop(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
 
 
 def _quiet_orbax_failures() -> None:
+    """Keeps orbax's own reports of a failed background save out of the log: its ERROR records
+    (see `_QuietOrbaxFailures`) and the 'Event loop is closed' tracebacks that tensorstore's
+    threads print (through sys.excepthook or sys.unraisablehook) when a write completes after
+    orbax has given up on the save."""
     absl = logging.getLogger("absl")
     if not any(isinstance(f, _QuietOrbaxFailures) for f in absl.filters):
         absl.addFilter(_QuietOrbaxFailures())
     if not getattr(sys.excepthook, "lmflax_quiet", False):
-        sys.excepthook = _closed_loop_hook(sys.excepthook)
+        previous_except = sys.excepthook
+
+        def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+            if _is_closed_loop(value):
+                log.debug("a write finished after its save had failed: %s", value)
+                return
+            previous_except(kind, value, tb)
+
+        excepthook.lmflax_quiet = True  # type: ignore[attr-defined]
+        sys.excepthook = excepthook
+    if not getattr(sys.unraisablehook, "lmflax_quiet", False):
+        previous_unraisable = sys.unraisablehook
+
+        def unraisablehook(unraisable: Any) -> None:
+            if _is_closed_loop(unraisable.exc_value):
+                log.debug("a write finished after its save had failed: %s", unraisable.exc_value)
+                return
+            previous_unraisable(unraisable)
+
+        unraisablehook.lmflax_quiet = True  # type: ignore[attr-defined]
+        sys.unraisablehook = unraisablehook
 
 
 class Checkpointer:

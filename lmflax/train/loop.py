@@ -147,12 +147,16 @@ def _check_disk(workdir: Path, abstract: Any, keep: int) -> None:
     free = shutil.disk_usage(workdir).free + leftover
     if need > free:
         raise OSError(
-            f"workdir {workdir} has {free / 2**30:.2f} GiB free"
-            + (f" (counting {leftover / 2**30:.2f} GiB of unfinished saves)" if leftover else "")
-            + f" but checkpoints need about {need / 2**30:.2f} GiB more ({keep} kept + 1 in "
-            f"progress, {len(finished)} already saved, {each / 2**30:.2f} GiB each); free space "
-            "or lower train.keep_checkpoints"
+            f"workdir {workdir} has {_size(free)} free"
+            + (f" (counting {_size(leftover)} of unfinished saves)" if leftover else "")
+            + f" but checkpoints need about {_size(need)} more ({keep} kept + 1 in progress, "
+            f"{len(finished)} already saved, {_size(each)} each); free space or lower "
+            "train.keep_checkpoints"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def _tree_bytes(path: Path) -> int:
