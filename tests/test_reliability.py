@@ -572,11 +572,20 @@ def test_no_verifiable_checkpoint_stays_refused_until_asked_and_then_loads(tmp_p
     assert 0 < diff.sum() <= 2, "the flipped byte is what was loaded (unverified)"
 
 
-def test_verify_checkpoints_false_resumes_the_run_and_truncates_nothing(data_dir, tmp_path):
+def test_verify_checkpoints_false_resumes_the_run_and_truncates_nothing(
+    data_dir, tmp_path, monkeypatch
+):
+    from lmflax.train import Run
+
     base = [f"--workdir={tmp_path}", *TINY, "--config.train.checkpoint_every=5"]
     run_train([*base, "--config.train.steps=10"], data_dir)
     for s in _steps(tmp_path):
         _damage(tmp_path / "checkpoints" / str(s))
+    # Opening the run (eval, generate) verifies too, and moves nothing.
+    monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+    with pytest.raises(CheckpointIntegrityError, match=r"checkpoint step 10 .* is damaged"):
+        Run.open(tmp_path)
+    assert _steps(tmp_path) == [5, 10]
     metrics = (tmp_path / "metrics.jsonl").read_text()
     for _ in range(2):
         proc = run_train([*base, "--config.train.steps=12"], data_dir, check=False)
