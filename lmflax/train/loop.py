@@ -7,12 +7,15 @@ run(config, workdir): validate -> build task/model/data -> mesh and shardings ->
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,12 @@ from lmflax.core.state import TrainState
 from lmflax.data import sources
 from lmflax.parallel import validate_devices
 from lmflax.train import plan
-from lmflax.train.checkpoint import Checkpointer
+from lmflax.train.checkpoint import TMP_SUFFIX, Checkpointer
 from lmflax.train.checks import resolve
 from lmflax.train.evaluation import evaluate
 from lmflax.train.metrics import MetricWriter, Progress
 from lmflax.train.trainer import Trainer
+from lmflax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 
 log = logging.getLogger("lmflax")
 
@@ -128,16 +132,37 @@ def _state_bytes(abstract: Any) -> int:
 
 
 def _check_disk(workdir: Path, abstract: Any, keep: int) -> None:
-    """Refuses to start when the workdir's filesystem cannot hold the checkpoints the run keeps."""
-    need = _state_bytes(abstract) * (keep + 1)  # the kept ones plus one being written
-    free = shutil.disk_usage(workdir).free
+    """Refuses to start when the workdir's filesystem cannot hold the checkpoints the run keeps.
+
+    Counts only new space: the finished checkpoints already on disk fill some of the `keep`
+    places, and unfinished `*.orbax-checkpoint-tmp` directories are removed before saving."""
+    each = _state_bytes(abstract)
+    directory = workdir / "checkpoints"
+    entries = list(directory.iterdir()) if directory.is_dir() else []
+    finished = [p for p in entries if p.name.isdigit() and p.is_dir()]
+    leftover = sum(_tree_bytes(p) for p in entries if TMP_SUFFIX in p.name)
+    # At most `keep` finished ones plus the one being written (older ones go once it finishes).
+    new = max(1, keep + 1 - len(finished))
+    need = each * new
+    free = shutil.disk_usage(workdir).free + leftover
     if need > free:
         raise OSError(
-            f"workdir {workdir} has {free / 2**30:.2f} GiB free but checkpoints need about "
-            f"{need / 2**30:.2f} GiB ({keep} kept + 1 in progress, "
-            f"{_state_bytes(abstract) / 2**30:.2f} GiB each); free space or lower "
+            f"workdir {workdir} has {_size(free)} free"
+            + (f" (counting {_size(leftover)} of unfinished saves)" if leftover else "")
+            + f" but checkpoints need about {_size(need)} more ({keep} kept + 1 in progress, "
+            f"{len(finished)} already saved, {_size(each)} each); free space or lower "
             "train.keep_checkpoints"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class _Loop:
@@ -179,9 +204,16 @@ class _Loop:
             )
 
     def _save_failed(self, e: Exception) -> TrainingError:
+        full = "No space left on device" in str(e) or getattr(e, "errno", None) == errno.ENOSPC
         return TrainingError(
             f"saving a checkpoint failed: {e}\nFinished checkpoints are intact: "
-            f"{self.ckpt.all_steps()} in {self.ckpt.directory}"
+            f"{self.ckpt.finished_steps()} in {self.ckpt.directory}"
+            + (
+                "\nThe disk is full: free space, then run the same command to continue from the "
+                "newest of them (the unfinished save is removed first)"
+                if full
+                else ""
+            )
         )
 
     def check_saves(self) -> None:
@@ -256,6 +288,36 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     workdir = Path(workdir)
     cfg = resolve(cfg)
     validate_devices(cfg, jax.device_count())
+    with _workdir_lock(workdir):
+        return _run(cfg, workdir, config_name)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path) -> Iterator[None]:
+    """One writer per workdir: process 0 holds `workdir/lmflax.lock` for the whole run (see
+    `lmflax.train.workdir_lock`); when it cannot, every process of the run stops."""
+    lock = WorkdirLock(workdir)
+    refused: WorkdirLockedError | None = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirLockedError as e:
+            refused = e
+        except OSError as e:
+            raise OSError(f"workdir {workdir} is not writable: {e}") from None
+    if jax.process_count() > 1:
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+        if not ok and refused is None:
+            refused = WorkdirLockedError(f"workdir {workdir} is in use by another run")
+    if refused is not None:
+        raise refused
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run(cfg: Config, workdir: Path, config_name: str) -> dict[str, Any]:
     is_writer = jax.process_index() == 0
     _prepare_workdir(workdir, cfg, is_writer)
     t = cfg.train
@@ -325,9 +387,15 @@ def _train(
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
     with trainer.context(), _StopRequests() as stops:
         t_last, timed_steps = time.perf_counter(), 0
+        in_flight = None
         for step in range(start, t.steps):
             batch = trainer.global_batch(next(train_iter))
             state, metrics = step_fn(state, batch, jax.random.fold_in(dropout_key, step))
+            if in_flight is not None:
+                # Python stays one step ahead of the device (the next step is always queued),
+                # never a whole log window ahead: a signal is seen after the step in flight.
+                in_flight.block_until_ready()
+            in_flight = metrics["skipped"]
             done = step + 1
             loop.pending.append((done, metrics["skipped"]))
             window = metrics if window is None else add(window, metrics)

@@ -5,6 +5,7 @@ open runs this way."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ from lmflax import config as config_lib
 from lmflax.config import Config, ConfigError
 from lmflax.core.state import TrainState
 from lmflax.tasks import Task
-from lmflax.train.checkpoint import Checkpointer
+from lmflax.train.checkpoint import Checkpointer, CheckpointIntegrityError, verify_checksums
 from lmflax.train.checks import resolve
 from lmflax.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 class NoRunError(ConfigError):
@@ -105,7 +108,8 @@ class Run:
         steps: list[int] = []
         ckpt = None
         if directory.is_dir():
-            ckpt = Checkpointer(directory, keep=cfg.train.keep_checkpoints, async_save=False)
+            # Read-only: a run may be training in this workdir (its unfinished save is left be).
+            ckpt = Checkpointer(directory, keep=cfg.train.keep_checkpoints, read_only=True)
         try:
             steps = ckpt.all_steps() if ckpt is not None else []
             if step is not None and step not in steps:
@@ -120,6 +124,7 @@ class Run:
                     state = trainer.initialize()
                 return cls(workdir=workdir, cfg=cfg, trainer=trainer, state=state, step=None)
             step = max(steps) if step is None else step
+            _verify(directory, step, steps, cfg.train.verify_checkpoints)
             with trainer.context():
                 arrays, _ = ckpt.restore(step, trainer.abstract_for_restore(), None)
         finally:
@@ -127,3 +132,20 @@ class Run:
                 ckpt.close()
         state = trainer.state.with_arrays(arrays)
         return cls(workdir=workdir, cfg=cfg, trainer=trainer, state=state, step=step)
+
+
+def _verify(directory: Path, step: int, steps: list[int], verify: bool) -> None:
+    """Refuses a checkpoint whose files differ from the sums recorded when it was saved (nothing
+    is moved: opening a run only reads it)."""
+    if not verify:
+        log.warning("train.verify_checkpoints=false: opening checkpoint step %d unverified", step)
+        return
+    try:
+        verify_checksums(directory / str(step))
+    except CheckpointIntegrityError as e:
+        others = [s for s in steps if s != step]
+        raise CheckpointIntegrityError(
+            f"checkpoint step {step} of {directory} is damaged: {e}. Open another step "
+            f"({others if others else 'there is no other'}), or pass "
+            "train.verify_checkpoints=false to open it anyway"
+        ) from None
