@@ -1,0 +1,271 @@
+"""Llama-family decoders (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) against
+transformers (PyTorch, CPU): tiny random models that transformers initialises and saves load into
+lmflax with the same logits on padded batches, lmflax's export loads back into transformers, and
+lmflax.decode's greedy and beam search give the tokens `generate` gives. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax
+import numpy as np
+import pytest
+
+import lmflax
+from lmflax import hf
+from lmflax.hf import CheckpointError
+from lmflax.models import GPT
+
+from .conftest import jitted
+
+TOL = 1e-4
+V = 97
+
+
+@pytest.fixture(scope="module")
+def torch():
+    import torch
+
+    torch.set_grad_enabled(False)
+    return torch
+
+
+@pytest.fixture(scope="module")
+def transformers(torch):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+# name -> (config class, its kwargs). Between them: GQA and MHA, head_dim != hidden / heads,
+# tied and untied output layers, every supported rope_type, Llama's biases, Mistral's window.
+TINY = {
+    "llama3": (
+        "LlamaConfig",
+        dict(
+            COMMON,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500.0,
+                factor=4.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        ),
+    ),
+    "llama_linear_tied_bias": (
+        "LlamaConfig",
+        dict(
+            COMMON,
+            num_key_value_heads=4,
+            head_dim=12,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+        ),
+    ),
+    "mistral": ("MistralConfig", dict(COMMON, sliding_window=3)),
+    "qwen2": ("Qwen2Config", dict(COMMON, tie_word_embeddings=True, rope_theta=1000.0)),
+}
+
+
+def _randomize(torch, model):
+    """Every parameter random (biases and norms too), so a mis-mapped one shows."""
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        base = 1.0 if "norm" in name else 0.0
+        p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, torch, transformers):
+    """{name: (directory saved by transformers, the torch model)}."""
+    root = tmp_path_factory.mktemp("hf_decoders")
+    out = {}
+    for name, (cls, kwargs) in TINY.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, cls)(**kwargs)
+        model = _randomize(torch, transformers.AutoModelForCausalLM.from_config(config))
+        model.save_pretrained(root / name)
+        out[name] = (root / name, model)
+    return out
+
+
+def _padded_batch(side: str, T: int = 9):
+    """ids [3, T], mask [3, T] (rows of T, T - 3 and T - 5 real tokens), positions [3, T]."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, V, (3, T)).astype(np.int32)
+    mask = np.ones((3, T), np.int32)
+    for row, n in ((1, 3), (2, 5)):
+        if side == "right":
+            mask[row, T - n :] = 0
+        else:
+            mask[row, :n] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return ids, mask, positions
+
+
+def _torch_logits(torch, model, ids, mask, positions):
+    out = model(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        position_ids=torch.tensor(positions, dtype=torch.long),
+    )
+    return out.logits.float().numpy()
+
+
+def _lmflax_logits(model, params, ids, mask, positions):
+    return np.asarray(
+        jitted(model)(
+            {"params": params}, ids, positions=positions, attention_mask=mask, deterministic=True
+        )
+    )
+
+
+def _max_err(a, b, mask):
+    """Largest difference over the real tokens."""
+    return float(np.abs(a - b)[mask.astype(bool)].max())
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_loads_with_transformers_logits_and_exports_back(name, tiny, tmp_path, torch, transformers):
+    path, ref = tiny[name]
+    model, params = lmflax.from_pretrained(path)
+    assert isinstance(model, GPT)
+    c = model.config
+    assert (c.norm, c.activation, c.position, c.norm_position) == (
+        "rmsnorm",
+        "swiglu",
+        "rope",
+        "pre",
+    )
+    hf_cfg = ref.config
+    assert c.resolved_kv_heads == hf_cfg.num_key_value_heads
+    assert c.tie_embeddings == hf_cfg.tie_word_embeddings
+    assert ("lm_head" in params) != c.tie_embeddings
+    for side in ("right", "left"):
+        ids, mask, positions = _padded_batch(side)
+        want = _torch_logits(torch, ref, ids, mask, positions)
+        ours = _lmflax_logits(model, params, ids, mask, positions)
+        assert _max_err(ours, want, mask) <= TOL, side
+    # Back to transformers: same architecture, nothing missing or left over, same logits.
+    lmflax.save_pretrained(c, params, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == [type(ref).__name__]
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
+    assert type(back) is type(ref)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, mask, positions = _padded_batch("left")
+    again = _torch_logits(torch, back.eval(), ids, mask, positions)
+    assert _max_err(again, _lmflax_logits(model, params, ids, mask, positions), mask) <= TOL
+    # And lmflax reads its own export as it read transformers' save.
+    model2, params2 = lmflax.from_pretrained(tmp_path)
+    assert model2.config == c
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, params2))
+
+
+def test_settings_reach_the_model(tiny, torch):
+    """The window, the rope scaling and the biases change the logits (so the parity above
+    tests them): dropping each one moves lmflax away from transformers."""
+    ids, mask, positions = _padded_batch("right")
+    for name, field, plain in (
+        ("mistral", "sliding_window", None),
+        ("llama3", "rope_scaling", "none"),
+        ("llama_linear_tied_bias", "rope_scaling", "none"),
+    ):
+        path, ref = tiny[name]
+        model, params = lmflax.from_pretrained(path)
+        want = _torch_logits(torch, ref, ids, mask, positions)
+        extra = {"rope_scaling_factor": 1.0} if field == "rope_scaling" else {}
+        if name == "llama3" and field == "rope_scaling":
+            extra.update(
+                rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192
+            )
+        changed = GPT(dataclasses.replace(model.config, **{field: plain}, **extra))
+        off = _lmflax_logits(changed, params, ids, mask, positions)
+        assert _max_err(off, want, mask) > 1e-3, (name, field)
+
+
+def _edited(path, tmp_path, **changes):
+    """A copy of a saved model with config.json keys changed (None deletes)."""
+    out = tmp_path / "edited"
+    out.mkdir()
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "match"),
+    [
+        ("llama3", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, r"rope_type='yarn'"),
+        ("llama3", {"rope_parameters": {"rope_type": "dynamic"}}, r"'dynamic'.*'llama3'"),
+        ("llama3", {"hidden_act": "gelu"}, r"hidden_act='gelu'"),
+        ("qwen2", {"use_sliding_window": True}, r"use_sliding_window"),
+        ("qwen2", {"layer_types": ["full_attention", "sliding_attention"]}, r"sliding_attention"),
+        (
+            "llama3",
+            {"architectures": ["GemmaForCausalLM"], "model_type": "gemma"},
+            r"GemmaForCausalLM.*LlamaForCausalLM.*'llama'",
+        ),
+        ("mistral", {"architectures": ["LlamaForCausalLM"]}, r"needs model_type 'llama'"),
+    ],
+)
+def test_unsupported_settings_are_refused_by_name_before_weights(
+    name, changes, match, tiny, tmp_path, monkeypatch
+):
+    path = _edited(tiny[name][0], tmp_path, **changes)
+
+    def no_reading(self, key):
+        raise AssertionError(f"weight {key} read before the config was judged")
+
+    monkeypatch.setattr(hf.files.WeightSource, "__getitem__", no_reading)
+    with pytest.raises(CheckpointError, match=match):
+        lmflax.from_pretrained(path)
+    with pytest.raises(AssertionError, match="read before"):  # the guard does guard
+        lmflax.from_pretrained(tiny[name][0])
+
+
+def test_old_style_rope_keys_load(tiny, tmp_path, torch):
+    """Configs written before transformers 5 carry rope_theta + rope_scaling ('type' or
+    'rope_type'); they mean what rope_parameters means."""
+    path, ref = tiny["llama3"]
+    rope = dict(ref.config.rope_parameters)
+    theta = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    old = _edited(path, tmp_path, rope_parameters=None, rope_theta=theta)
+    cfg = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**cfg, "rope_scaling": rope}))
+    model, _ = lmflax.from_pretrained(old)
+    want_model, _ = lmflax.from_pretrained(path)
+    assert model.config == want_model.config
+    assert model.config.rope_scaling == "llama3" and model.config.rope_base == 500.0
