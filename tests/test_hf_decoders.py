@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import lmflax
-from lmflax import hf
+from lmflax import decode, hf
 from lmflax.hf import CheckpointError
 from lmflax.models import GPT
 
@@ -269,3 +269,95 @@ def test_old_style_rope_keys_load(tiny, tmp_path, torch):
     want_model, _ = lmflax.from_pretrained(path)
     assert model.config == want_model.config
     assert model.config.rope_scaling == "llama3" and model.config.rope_base == 500.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: lmflax.decode against transformers' generate, token for token
+
+PROMPTS = [[5, 17, 33, 2, 61], [40, 8], [11, 90, 3, 27, 71, 6, 50]]
+PAD = 1  # not 0: transformers fills finished beams with EOS when pad_token_id is 0
+NEW = 10
+
+
+def _hf_generate(torch, model, **kwargs):
+    """transformers' generate on the left-padded PROMPTS -> new tokens [B, NEW] (PAD after the
+    end, as lmflax returns them)."""
+    ids, mask = decode.left_pad(PROMPTS, PAD)
+    out = model.generate(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        max_new_tokens=NEW,
+        pad_token_id=PAD,
+        do_sample=False,
+        **kwargs,
+    ).numpy()[:, ids.shape[1] :]
+    full = np.full((len(PROMPTS), NEW), PAD, np.int64)
+    full[:, : out.shape[1]] = out
+    return full
+
+
+def _eos_for(torch, model):
+    """An EOS id that greedy decoding does produce (so that stopping is exercised): the most
+    frequent new token, found by running transformers without one."""
+    tokens = _hf_generate(torch, model, eos_token_id=None, num_beams=1)
+    return int(np.bincount(tokens.ravel()).argmax())
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_greedy_equals_transformers_generate(name, tiny, torch):
+    path, ref = tiny[name]
+    model, params = lmflax.from_pretrained(path)
+    eos = _eos_for(torch, ref)
+    want = _hf_generate(torch, ref, eos_token_id=eos, num_beams=1)
+    assert (want == eos).any() and (want[:, -1] != eos).any()  # stops somewhere, not everywhere
+    ids, mask = decode.left_pad(PROMPTS, PAD)
+    out = decode.generate(
+        model,
+        params,
+        ids,
+        prompt_mask=mask,
+        max_new_tokens=NEW,
+        rng=jax.random.key(0),
+        temperature=0.0,
+        eos_id=eos,
+        pad_id=PAD,
+    )
+    np.testing.assert_array_equal(np.asarray(out)[:, ids.shape[1] :], want)
+
+
+BEAMS = [
+    (3, 1.5, True),
+    (4, 2.0, False),
+    (3, 2.0, "never"),
+]
+
+
+@pytest.mark.parametrize(("beams", "alpha", "early"), BEAMS)
+@pytest.mark.parametrize("name", ["llama3", "mistral"])
+def test_beam_search_equals_transformers_generate(name, beams, alpha, early, tiny, torch):
+    path, ref = tiny[name]
+    model, params = lmflax.from_pretrained(path)
+    eos = _eos_for(torch, ref)
+    want = _hf_generate(
+        torch,
+        ref,
+        eos_token_id=eos,
+        num_beams=beams,
+        length_penalty=alpha,
+        early_stopping=early,
+    )
+    ids, mask = decode.left_pad(PROMPTS, PAD)
+    out = decode.beam_search(
+        model,
+        params,
+        ids,
+        prompt_mask=mask,
+        beam_size=beams,
+        max_new_tokens=NEW,
+        eos_id=eos,
+        pad_id=PAD,
+        length_penalty=alpha,
+        length_penalty_form="hf",
+        early_stopping=early,
+    )
+    np.testing.assert_array_equal(np.asarray(out.sequences[:, 0]), want)
