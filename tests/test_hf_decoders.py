@@ -23,7 +23,7 @@ from lmflax import decode, hf
 from lmflax.hf import CheckpointError
 from lmflax.models import GPT
 
-from .conftest import jitted
+from .conftest import ROOT, jitted
 
 TOL = 1e-4
 V = 97
@@ -361,3 +361,114 @@ def test_beam_search_equals_transformers_generate(name, beams, alpha, early, tin
         early_stopping=early,
     )
     np.testing.assert_array_equal(np.asarray(out.sequences[:, 0]), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# A Llama-style tokenizer.json, and training from a Llama checkpoint
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, torch, transformers):
+    """A tiny random Llama saved by transformers with a SentencePiece-style tokenizer.json
+    (byte-fallback BPE over '▁'-marked words, '<s>' prepended, as Llama's), trained here."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    path = tmp_path_factory.mktemp("llama_tok")
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    text = (ROOT / "README.md").read_text().splitlines()
+    # ids: <unk> 0, <s> 1, </s> 2, bytes 3..258 (as in Llama's vocabulary), then merges.
+    specials = ["<unk>", "<s>", "</s>", *byte_tokens]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": tok.get_vocab_size()})
+    torch.manual_seed(0)
+    _randomize(torch, transformers.LlamaForCausalLM(config)).save_pretrained(path)
+    return path
+
+
+TEXTS = ["Hello world, this is lmflax.", "Ünïcödé ✓ 🙂 and\ttabs", "  leading  spaces", "x"]
+
+
+def test_llama_tokenizer_json_matches_transformers(llama_dir, transformers):
+    ref = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    ours = lmflax.load_tokenizer(llama_dir)
+    want = ref(TEXTS)
+    got = ours(TEXTS, padding=False, return_tensors=None)
+    assert set(got) == set(want) == {"input_ids", "attention_mask"}  # no token_type_ids
+    assert got["input_ids"] == want["input_ids"]
+    assert any(3 <= t < 259 for t in got["input_ids"][1])  # byte fallback was exercised
+    for ids in want["input_ids"]:
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+    assert (ours.token_id("bos_token"), ours.token_id("eos_token")) == (1, 2)
+    assert (ref.bos_token_id, ref.eos_token_id) == (1, 2)
+
+
+def test_model_hf_dir_trains_from_the_llama_checkpoint(llama_dir):
+    """`--config.model=hf:DIR` on a Llama directory: a GPT config with the checkpoint's
+    settings and init_from, from which the Trainer starts with exactly its weights; a scanned
+    model gets them stacked."""
+    from lmflax.config import apply_overrides, load_config_file
+    from lmflax.train import Trainer, resolve
+
+    cfg, _ = load_config_file("gpt_tiny")
+    cfg = apply_overrides(
+        cfg,
+        [
+            f"model=hf:{llama_dir}",
+            f"data.tokenizer=hf:{llama_dir}",
+            "data.seq_len=16",
+            "data.batch_size=2",
+        ],
+    )
+    cfg = resolve(cfg)
+    assert cfg.model.init_from == f"hf:{llama_dir.resolve()}"
+    assert (cfg.model.norm, cfg.model.activation, cfg.model.position) == (
+        "rmsnorm",
+        "swiglu",
+        "rope",
+    )
+    trainer = Trainer.create(cfg)
+    _, want = lmflax.from_pretrained(llama_dir)
+    jax.tree.map(np.testing.assert_array_equal, trainer.state.params, want)
+    scanned = dataclasses.replace(cfg.model, scan_layers=True)
+    loaded = hf.init_params(scanned, hf.pretrained.abstract_params(GPT(scanned)))
+    model, stacked = lmflax.from_pretrained(llama_dir, scan_layers=True)
+    jax.tree.map(np.testing.assert_array_equal, loaded, stacked)
+    ids, mask, positions = _padded_batch("left")
+    np.testing.assert_allclose(
+        _lmflax_logits(model, stacked, ids, mask, positions)[mask.astype(bool)],
+        _lmflax_logits(GPT(cfg.model), want, ids, mask, positions)[mask.astype(bool)],
+        atol=1e-5,
+    )
+
+
+def test_init_from_names_llama_settings_that_differ(llama_dir):
+    from lmflax.config import ConfigError, load_config_file, override
+    from lmflax.train import resolve
+
+    cfg = hf.model_config(llama_dir)
+    base, _ = load_config_file("gpt_tiny")
+    bad = dataclasses.replace(cfg, num_kv_heads=4, rope_base=500.0, norm_eps=1e-5)
+    with pytest.raises(ConfigError) as e:
+        resolve(override(base, {"model": bad}))
+    msg = str(e.value)
+    assert "model.num_kv_heads resolves to 4" in msg and "num_key_value_heads=2" in msg
+    assert "model.rope_base is 500.0" in msg and "rope_theta=10000.0" in msg
+    assert "model.norm_eps is 1e-05" in msg and "rms_norm_eps=1e-06" in msg
