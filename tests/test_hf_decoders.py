@@ -472,3 +472,40 @@ def test_init_from_names_llama_settings_that_differ(llama_dir):
     assert "model.num_kv_heads resolves to 4" in msg and "num_key_value_heads=2" in msg
     assert "model.rope_base is 500.0" in msg and "rope_theta=10000.0" in msg
     assert "model.norm_eps is 1e-05" in msg and "rms_norm_eps=1e-06" in msg
+
+
+def test_finetune_config_tiny_starts_from_its_exported_llama():
+    """configs/finetune/llama_lm.py:tiny exports a random llama_tiny as a LlamaForCausalLM
+    directory and fine-tunes from it: the resolved model is that preset, read back from the
+    directory, with init_from pointing there."""
+    from lmflax.config import load_config_file
+    from lmflax.models import PRESETS
+    from lmflax.train import resolve
+
+    cfg, name = load_config_file(str(ROOT / "configs/finetune/llama_lm.py") + ":tiny")
+    cfg = resolve(cfg)
+    directory = cfg.model.init_from.removeprefix("hf:")
+    saved = json.loads((ROOT / directory / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForCausalLM"]
+    assert saved["rope_parameters"]["rope_type"] == "llama3"
+    want = dataclasses.replace(
+        PRESETS["llama_tiny"], head_dim=32, init_from=cfg.model.init_from
+    )
+    assert cfg.model == want
+
+
+@pytest.mark.slow
+def test_finetune_config_tiny_trains(data_dir, tmp_path):
+    from .conftest import run_train
+
+    out = run_train(
+        [
+            "--config=configs/finetune/llama_lm.py:tiny",
+            f"--workdir={tmp_path}",
+            "--config.train.steps=20",
+            "--config.train.checkpoint_every=20",
+        ],
+        data_dir,
+    )
+    assert "done: step 20" in out.stdout
+    assert "loaded 39 of 39 parameters" in out.stderr
