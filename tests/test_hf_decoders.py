@@ -482,15 +482,13 @@ def test_finetune_config_tiny_starts_from_its_exported_llama():
     from lmflax.models import PRESETS
     from lmflax.train import resolve
 
-    cfg, name = load_config_file(str(ROOT / "configs/finetune/llama_lm.py") + ":tiny")
+    cfg, _ = load_config_file(str(ROOT / "configs/finetune/llama_lm.py") + ":tiny")
     cfg = resolve(cfg)
     directory = cfg.model.init_from.removeprefix("hf:")
     saved = json.loads((ROOT / directory / "config.json").read_text())
     assert saved["architectures"] == ["LlamaForCausalLM"]
     assert saved["rope_parameters"]["rope_type"] == "llama3"
-    want = dataclasses.replace(
-        PRESETS["llama_tiny"], head_dim=32, init_from=cfg.model.init_from
-    )
+    want = dataclasses.replace(PRESETS["llama_tiny"], head_dim=32, init_from=cfg.model.init_from)
     assert cfg.model == want
 
 
