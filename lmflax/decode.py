@@ -95,6 +95,8 @@ def sample_logits(
 
 LENGTH_PENALTIES = ("gnmt", "hf")
 EARLY_STOPPING = (None, True, False, "never")
+# A config's generate.early_stopping (lmflax.config.GenerateConfig) -> early_stopping.
+EARLY_STOPPING_NAMES = {"exact": None, "true": True, "false": False, "never": "never"}
 
 
 def length_penalty(length: jax.Array | int, alpha: float, form: str = "gnmt") -> jax.Array:
@@ -716,6 +718,8 @@ def generate_tokens(
             prompt,
             beam_size=settings.beam_size,
             length_penalty=settings.length_penalty,
+            length_penalty_form=getattr(settings, "length_penalty_form", "gnmt"),
+            early_stopping=EARLY_STOPPING_NAMES[getattr(settings, "early_stopping", "exact")],
             **common,
         )
         return out.sequences[:, 0]

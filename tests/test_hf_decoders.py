@@ -361,6 +361,27 @@ def test_beam_search_equals_transformers_generate(name, beams, alpha, early, tin
         early_stopping=early,
     )
     np.testing.assert_array_equal(np.asarray(out.sequences[:, 0]), want)
+    # The same from a config's generate section (what train.py --generate and eval use).
+    from lmflax.config import GenerateConfig
+
+    settings = GenerateConfig(
+        beam_size=beams,
+        length_penalty=alpha,
+        length_penalty_form="hf",
+        early_stopping=str(early).lower(),
+    )
+    via_config = decode.generate_tokens(
+        settings,
+        model,
+        params,
+        ids,
+        prompt_mask=mask,
+        max_new_tokens=NEW,
+        rng=jax.random.key(0),
+        eos_id=eos,
+        pad_id=PAD,
+    )
+    np.testing.assert_array_equal(np.asarray(via_config), want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,3 +528,12 @@ def test_finetune_config_tiny_trains(data_dir, tmp_path):
     )
     assert "done: step 20" in out.stdout
     assert "loaded 39 of 39 parameters" in out.stderr
+
+
+def test_generate_config_names_bad_beam_rules():
+    from lmflax.config import GenerateConfig
+
+    errs = GenerateConfig(length_penalty_form="wu", early_stopping="maybe").validate()
+    assert any("generate.length_penalty_form" in e and "'hf'" in e for e in errs), errs
+    assert any("generate.early_stopping" in e and "'never'" in e for e in errs), errs
+    assert GenerateConfig(length_penalty_form="hf", early_stopping="never").validate() == []
