@@ -332,8 +332,14 @@ BEAMS = [
 ]
 
 
-@pytest.mark.parametrize(("beams", "alpha", "early"), BEAMS)
-@pytest.mark.parametrize("name", ["llama3", "mistral"])
+BEAM_CASES = [
+    *((name, *b) for name in ("llama3", "mistral") for b in BEAMS),
+    ("qwen2", 3, 1.5, True),
+    ("llama_linear_tied_bias", 3, 2.0, "never"),
+]
+
+
+@pytest.mark.parametrize(("name", "beams", "alpha", "early"), BEAM_CASES)
 def test_beam_search_equals_transformers_generate(name, beams, alpha, early, tiny, torch):
     path, ref = tiny[name]
     model, params = lmflax.from_pretrained(path)
