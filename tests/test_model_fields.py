@@ -34,6 +34,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 # A non-default value per field (family-specific where the default differs), and the fields it
 # needs set alongside to be meaningful.
 ROPE = {"position": "rope", "rope_base": 10000.0}
+LLAMA3 = {**ROPE, "rope_scaling": "llama3", "rope_scaling_factor": 8.0}
 
 
 def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -55,6 +56,14 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
         "attention_dropout_rate": (0.3, {}),
         "rope_base": (500.0, ROPE),
         "rope_fraction": (0.5, ROPE),
+        "rope_scaling": ("linear", ROPE),
+        "rope_scaling_factor": (2.0, {**ROPE, "rope_scaling": "linear"}),
+        "rope_low_freq_factor": (2.0, LLAMA3),
+        "rope_high_freq_factor": (8.0, LLAMA3),
+        "rope_original_max_len": (64, LLAMA3),
+        "qkv_bias": (not base.use_bias, {}),
+        "out_bias": (not base.use_bias, {}),
+        "sliding_window": (4, {}),
         # cuDNN cannot run on a CPU: the attention dispatch refusing it shows the field arrives.
         "attention_impl": ("cudnn", {}),
         "init_std": (0.05, {}),
@@ -95,7 +104,19 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
 # Fields a family refuses to take a non-default value for (validation says so, by name).
 REFUSED: dict[str, set[str]] = {
     "gpt": {"init_from"},  # refused here only because the directory does not exist
-    "bert": {"init_from", "rope_base", "rope_fraction", "position", "tie_embeddings"},
+    "bert": {
+        "init_from",
+        "rope_base",
+        "rope_fraction",
+        "rope_scaling",
+        "rope_scaling_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_max_len",
+        "position",
+        "tie_embeddings",
+        "sliding_window",
+    },
     "seq2seq": {"init_from"},
     "t5": {"init_from"},
     # word2vec is no Transformer: every shared setting but these must keep its default.

@@ -98,11 +98,18 @@ class TaskConfig:
         return errs
 
 
+# generate.early_stopping -> lmflax.decode.beam_search's early_stopping.
+EARLY_STOPPING = {"exact": None, "true": True, "false": False, "never": "never"}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
     """How text is generated (`train.py --generate`, and seq2seq's evaluation after training).
 
-    beam_size > 1: beam search with GNMT's length_penalty alpha. beam_size 1: sampling with
+    beam_size > 1: beam search with length_penalty alpha, in length_penalty_form 'gnmt'
+    (((5 + n) / 6)^alpha) or 'hf' (n^alpha, transformers'); early_stopping 'exact' stops when no
+    live beam can win, 'true' / 'false' / 'never' are transformers' early_stopping rules (with
+    'hf', beam search then gives transformers' generate tokens). beam_size 1: sampling with
     temperature (0 = greedy), top_k (0 = off) and top_p (1.0 = off). max_new_tokens: 0 = the
     task's default (task.target_len for seq2seq, train.sample_tokens for a causal LM).
     eval_examples: examples of data.eval_split decoded and scored after training (0 = none);
@@ -111,6 +118,8 @@ class GenerateConfig:
 
     beam_size: int = 1
     length_penalty: float = 0.6
+    length_penalty_form: str = "gnmt"
+    early_stopping: str = "exact"
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -124,6 +133,8 @@ class GenerateConfig:
         finite_floats(errs, "generate", self)
         if self.beam_size < 1:
             errs.append(f"generate.beam_size must be >= 1, got {self.beam_size}")
+        one_of(errs, "generate.length_penalty_form", self.length_penalty_form, ("gnmt", "hf"))
+        one_of(errs, "generate.early_stopping", self.early_stopping, tuple(EARLY_STOPPING))
         if self.temperature < 0:
             errs.append(f"generate.temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -195,7 +195,7 @@ class HFTokenizer:
         if not names:
             names = (
                 ("input_ids", "attention_mask")
-                if gpt2_like
+                if gpt2_like or model_type in _DECODER_MODEL_TYPES
                 else ("input_ids", "token_type_ids", "attention_mask")
             )
         return cls(
@@ -370,6 +370,10 @@ class HFTokenizer:
         (out / "special_tokens_map.json").write_text(
             json.dumps(self.special_tokens, indent=2) + "\n"
         )
+
+
+# Decoder-only model types whose tokenizers (like GPT-2's) have no token type ids.
+_DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def load_tokenizer(

@@ -8,13 +8,15 @@
     lmflax.hf.save_pretrained(model_config, params, OUT, tokenizer=tokenizer)   # transformers loads it
 
 Supported architectures: BertModel, BertForMaskedLM, BertForPreTraining (its MLM head),
-BertForSequenceClassification, GPT2Model and GPT2LMHeadModel. `model.init_from='hf:DIR'` in a
+BertForSequenceClassification, GPT2Model, GPT2LMHeadModel, and the Llama-family decoders
+LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (lmflax.hf.llama). `model.init_from='hf:DIR'` in a
 training config starts from a checkpoint (see `init_params`).
 """
 
 from lmflax.config import register_model_names
 from lmflax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from lmflax.data.hub import CheckpointError
+from lmflax.hf import llama  # noqa: F401  (registers LlamaForCausalLM, Mistral, Qwen2)
 from lmflax.hf.convert import ARCHITECTURES
 from lmflax.hf.pretrained import (
     HF_SCHEME,

@@ -71,10 +71,45 @@ ARCHITECTURES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A HF model_type converted by its own module (e.g. lmflax.hf.llama), registered with
+    `register_family`: every function below hands that model_type's architectures to it."""
+
+    model_type: str
+    lmflax_family: str  # the lmflax model family its configs are ("gpt", "bert", ...)
+    anchor: str  # a backbone tensor name after the base prefix, e.g. "embed_tokens.weight"
+    config: Callable[[Architecture, Mapping[str, Any], Iterable[str], str], ModelConfig]
+    hf_config: Callable[[Architecture, ModelConfig, int | None], dict[str, Any]]
+    layout: Callable[[Architecture, ModelConfig, str, int | None], Layout]
+    build: Callable[[Architecture, ModelConfig, int | None], nn.Module]
+    describe: Callable[[str, Mapping[str, Any], Any], str]
+    # The architecture name to export a model of `lmflax_family` as, or None (not this family's).
+    export_as: Callable[[ModelConfig, Mapping[Path_, Any]], str | None]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family, architectures: Iterable[Architecture]) -> None:
+    """Adds a HF model_type and its architectures to the registry."""
+    FAMILIES[family.model_type] = family
+    for arch in architectures:
+        ARCHITECTURES[arch.name] = arch
+
+
+def lmflax_family(arch: Architecture) -> str:
+    """The lmflax model family an architecture loads as."""
+    if arch.family in FAMILIES:
+        return FAMILIES[arch.family].lmflax_family
+    return {"bert": "bert", "gpt2": "gpt"}[arch.family]
+
+
 def unsupported(what: str, source: str) -> CheckpointError:
+    types = sorted({a.family for a in ARCHITECTURES.values()})
     return CheckpointError(
         f"{source}: architecture {what} is not supported; supported: "
-        f"{', '.join(ARCHITECTURES)} (model_type 'bert' or 'gpt2')"
+        f"{', '.join(ARCHITECTURES)} (model_type {', '.join(repr(t) for t in types)})"
     )
 
 
@@ -105,6 +140,11 @@ def resolve_architecture(
                     arch = ARCHITECTURES["BertModel"]
             elif model_type == "gpt2":
                 arch = ARCHITECTURES["GPT2LMHeadModel"]
+            elif model_type in FAMILIES:
+                # A family's first registered architecture with a head is its default.
+                arch = next(
+                    a for a in ARCHITECTURES.values() if a.family == model_type and a.head != "none"
+                )
             else:
                 raise unsupported(f"of model_type {model_type!r} (no 'architectures' key)", source)
     if hf.get("model_type", arch.family) != arch.family:
@@ -141,6 +181,13 @@ GPT2_KEYS = {
     "activation": "activation_function",
     "tie_embeddings": "tie_word_embeddings",
 }
+# What neither HF BERT nor GPT-2 has (rotary scaling, split attention biases, windows).
+_PLAIN_ATTENTION = {
+    "rope_scaling": "none",
+    "sliding_window": None,
+    "resolved_qkv_bias": True,
+    "resolved_out_bias": True,
+}
 # What the HF implementations hard-wire, as lmflax fields.
 FIXED = {
     "bert": {
@@ -149,6 +196,7 @@ FIXED = {
         "position": "learned",
         "use_bias": True,
         "rope_base": None,
+        **_PLAIN_ATTENTION,
     },
     "gpt2": {
         "norm": "layernorm",
@@ -156,6 +204,7 @@ FIXED = {
         "position": "learned",
         "use_bias": True,
         "rope_base": None,
+        **_PLAIN_ATTENTION,
     },
 }
 # Fields that change shapes or numerics; a model initialised from a checkpoint must agree on
@@ -178,6 +227,15 @@ ARCH_FIELDS = (
     "position",
     "use_bias",
     "rope_base",
+    "rope_fraction",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_len",
+    "resolved_qkv_bias",
+    "resolved_out_bias",
+    "sliding_window",
 )
 # Fields from_pretrained lets a caller override (they do not change the checkpoint's meaning).
 RUNTIME_FIELDS = (
@@ -213,6 +271,8 @@ def lmflax_config(
     """The lmflax model config equivalent to a HF config.json (CheckpointError if some setting
     has no lmflax equivalent). `names` are the checkpoint's tensor names (BERT's pooler is kept
     only where the checkpoint has one)."""
+    if arch.family in FAMILIES:
+        return FAMILIES[arch.family].config(arch, hf, names, source)
     if arch.family == "bert":
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(
@@ -265,6 +325,8 @@ def lmflax_config(
 
 def describe_hf_value(family: str, field: str, hf: Mapping[str, Any], derived: Any) -> str:
     """How a HF config expresses lmflax `field` (for mismatch messages)."""
+    if family in FAMILIES:
+        return FAMILIES[family].describe(field, hf, derived)
     keys = BERT_KEYS if family == "bert" else GPT2_KEYS
     width, heads = keys["d_model"], keys["num_heads"]
     if field == "resolved_kv_heads":
@@ -284,6 +346,8 @@ def hf_config(
 ) -> dict[str, Any]:
     """The config.json for exporting `cfg` as `arch`; CheckpointError names any lmflax setting
     the HF implementation cannot express."""
+    if arch.family in FAMILIES:
+        return FAMILIES[arch.family].hf_config(arch, cfg, num_labels)
     errs = []
     fixed = FIXED[arch.family]
     for field, want in fixed.items():
@@ -352,6 +416,8 @@ def hf_config(
 
 def build_module(arch: Architecture, cfg: ModelConfig, num_labels: int | None = None) -> nn.Module:
     """The lmflax module for `arch`."""
+    if arch.family in FAMILIES:
+        return FAMILIES[arch.family].build(arch, cfg, num_labels)
     if arch.family == "gpt2":
         return GPT(cfg)
     if arch.head == "none":
@@ -588,6 +654,8 @@ def layout(
     arch: Architecture, cfg: ModelConfig, prefix: str, num_labels: int | None = None
 ) -> Layout:
     """The rules of `arch` with backbone tensor names starting with `prefix` ('' or e.g. 'bert.')."""
+    if arch.family in FAMILIES:
+        return FAMILIES[arch.family].layout(arch, cfg, prefix, num_labels)
     if arch.family == "bert":
         return _bert_layout(arch, cfg, prefix, num_labels)
     return _gpt2_layout(cfg, prefix)
@@ -596,7 +664,10 @@ def layout(
 def checkpoint_prefix(arch: Architecture, names: Iterable[str]) -> str:
     """Whether the checkpoint's backbone tensors carry the base-model prefix ('bert.',
     'transformer.'): a head model's checkpoint does, a base model's does not."""
-    anchor = "embeddings." if arch.family == "bert" else "wte."
+    if arch.family in FAMILIES:
+        anchor = FAMILIES[arch.family].anchor
+    else:
+        anchor = "embeddings." if arch.family == "bert" else "wte."
     return arch.base_prefix if any(n.startswith(arch.base_prefix + anchor) for n in names) else ""
 
 

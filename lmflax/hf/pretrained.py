@@ -237,7 +237,7 @@ def check_init_from(config: ModelConfig) -> list[str]:
             theirs, arch, hf = ckpt.config, ckpt.arch, ckpt.hf
     except (OSError, ValueError) as e:
         return [f"model.init_from: {e}"]
-    family = {"bert": "bert", "gpt2": "gpt"}[arch.family]
+    family = convert.lmflax_family(arch)
     if config.family != family:
         return [
             f"model.init_from: {directory} holds a {arch.name} (lmflax family {family!r}), but "
@@ -249,9 +249,7 @@ def check_init_from(config: ModelConfig) -> list[str]:
             continue
         ours, want = getattr(config, field), getattr(theirs, field)
         if ours != want:
-            name = {"resolved_kv_heads": "num_kv_heads", "resolved_head_dim": "head_dim"}.get(
-                field, field
-            )
+            name = field.removeprefix("resolved_").replace("kv_heads", "num_kv_heads")
             verb = "resolves to" if field.startswith("resolved_") else "is"
             errs.append(
                 f"model.{name} {verb} {ours!r} but {directory / 'config.json'} has "
@@ -372,6 +370,11 @@ def _plain_params(params: Any) -> dict[str, Any]:
 
 
 def _architecture_of(config: ModelConfig, flat: Mapping[convert.Path_, Any]) -> Architecture:
+    for family in convert.FAMILIES.values():
+        if family.lmflax_family == config.family:
+            name = family.export_as(config, flat)
+            if name is not None:
+                return ARCHITECTURES[name]
     if config.family == "gpt":
         return ARCHITECTURES["GPT2LMHeadModel"]
     if config.family != "bert":

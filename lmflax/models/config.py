@@ -55,6 +55,11 @@ class ModelConfig(StackConfig, ModelSection):
                 f"model.rope_fraction={self.rope_fraction} is only used with "
                 f"model.position='rope', but position is {self.position!r}"
             )
+        if self.position != "rope" and self.rope_scaling != "none":
+            errs.append(
+                f"model.rope_scaling={self.rope_scaling!r} is only used with "
+                f"model.position='rope', but position is {self.position!r}"
+            )
         return errs
 
     def check_inputs(self, seq_len: int) -> list[str]:
