@@ -242,6 +242,9 @@ ARCH_FIELDS = (
     "relative_max_distance",
     "scale_embeddings",
     "scale_logits",
+    "sinusoidal_layout",
+    "embed_norm",
+    "logits_bias",
 )
 # Fields from_pretrained lets a caller override (they do not change the checkpoint's meaning).
 RUNTIME_FIELDS = (
