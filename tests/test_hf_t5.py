@@ -297,3 +297,52 @@ def test_model_from_a_t5_directory_and_init_from(tiny):
     assert hf.check_init_from(cfg) == []
     wrong = dataclasses.replace(cfg, relative_buckets=16)
     assert any("relative_buckets" in e for e in hf.check_init_from(wrong))
+
+
+def test_a_t5_style_sentencepiece_tokenizer_json_matches_transformers(tmp_path, transformers):
+    """A Unigram (SentencePiece) tokenizer.json with '▁' word marks and '</s>' appended, as T5's:
+    lmflax's tokenizer gives transformers' ids and decoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    corpus = [
+        "translate English to German: the house is wonderful.",
+        "summarize: studies have shown that owning a dog is good for you",
+        "the quick brown fox jumps over the lazy dog",
+    ] * 20
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(
+        corpus,
+        trainers.UnigramTrainer(
+            vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "T5Tokenizer",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
+    ours = lmflax.load_tokenizer(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["translate English to German: the dog is quick.", "summarize: a fox, a house"]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == ref(text)["input_ids"]
+        assert ids[-1] == 1  # '</s>'
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+    batch = ours(texts)
+    want = ref(texts, padding=True)
+    np.testing.assert_array_equal(np.asarray(batch["input_ids"]), np.asarray(want["input_ids"]))
+    np.testing.assert_array_equal(
+        np.asarray(batch["attention_mask"]), np.asarray(want["attention_mask"])
+    )
