@@ -87,6 +87,9 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
         "relative_max_distance": (64, {"position": "relative"}),
         "scale_embeddings": (not getattr(base, "scale_embeddings", False), {}),
         "scale_logits": (not getattr(base, "scale_logits", False), {}),
+        "sinusoidal_layout": ("halves", {"position": "sinusoidal"}),
+        "embed_norm": (True, {}),
+        "logits_bias": (True, {}),
         # word2vec
         "architecture": ("cbow", {}),
         "window": (2, {}),

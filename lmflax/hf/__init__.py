@@ -9,14 +9,20 @@
 
 Supported architectures: BertModel, BertForMaskedLM, BertForPreTraining (its MLM head),
 BertForSequenceClassification, GPT2Model, GPT2LMHeadModel, and the Llama-family decoders
-LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (lmflax.hf.llama). `model.init_from='hf:DIR'` in a
+LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (lmflax.hf.llama), and the encoder-decoder
+T5ForConditionalGeneration, v1.0 and v1.1 (lmflax.hf.t5), BartForConditionalGeneration and MarianMTModel
+(lmflax.hf.bart). `model.init_from='hf:DIR'` in a
 training config starts from a checkpoint (see `init_params`).
 """
 
 from lmflax.config import register_model_names
 from lmflax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from lmflax.data.hub import CheckpointError
-from lmflax.hf import llama  # noqa: F401  (registers LlamaForCausalLM, Mistral, Qwen2)
+from lmflax.hf import (
+    bart,  # noqa: F401  (registers BartForConditionalGeneration, MarianMTModel)
+    llama,  # noqa: F401  (registers LlamaForCausalLM, Mistral, Qwen2)
+    t5,  # noqa: F401  (registers T5ForConditionalGeneration)
+)
 from lmflax.hf.convert import ARCHITECTURES
 from lmflax.hf.pretrained import (
     HF_SCHEME,

@@ -236,6 +236,15 @@ ARCH_FIELDS = (
     "resolved_qkv_bias",
     "resolved_out_bias",
     "sliding_window",
+    # Encoder-decoders (lmflax.models.seq2seq); skipped for configs that lack them.
+    "decoder_layers",
+    "relative_buckets",
+    "relative_max_distance",
+    "scale_embeddings",
+    "scale_logits",
+    "sinusoidal_layout",
+    "embed_norm",
+    "logits_bias",
 )
 # Fields from_pretrained lets a caller override (they do not change the checkpoint's meaning).
 RUNTIME_FIELDS = (

@@ -21,6 +21,7 @@ from lmflax.hf import convert
 from lmflax.hf.convert import ARCHITECTURES, Architecture
 from lmflax.hf.files import WeightSource, find_weights, write_json, write_safetensors
 from lmflax.models.config import ModelConfig
+from lmflax.models.seq2seq import EncoderDecoder
 from lmflax.nn import unbox, unstack_layers
 from lmflax.nn.util import as_dtype
 
@@ -91,9 +92,9 @@ def _dummy_ids() -> jax.Array:
 
 def abstract_params(module: nn.Module) -> dict[str, Any]:
     """The module's parameter tree as ShapeDtypeStructs (nothing allocated)."""
-    variables = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), _dummy_ids(), deterministic=True)
-    )
+    # An encoder-decoder takes source and target ids; every other model one id array.
+    inputs = (_dummy_ids(),) * (2 if isinstance(module, EncoderDecoder) else 1)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs, deterministic=True))
     return unbox(variables)["params"]
 
 
