@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmflax.cli import common
 from lmflax.config import ConfigError
 from lmflax.data.word2vec import split_words
 from lmflax.train import Run
@@ -159,6 +160,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     del overrides
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(message)s", force=True)
+    common.start_backends()
     try:
         w, _, h = args.size.partition("x")
         size = (int(w), int(h))

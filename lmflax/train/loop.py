@@ -257,6 +257,9 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     cfg = resolve(cfg)
     validate_devices(cfg, jax.device_count())
     is_writer = jax.process_index() == 0
+    # A missing or unprepared dataset (or split) stops here, before the workdir is touched.
+    for split in dict.fromkeys(s for s in (cfg.data.train_split, cfg.data.eval_split) if s):
+        sources.data_source(cfg.data.dataset, split, cfg.data.data_dir, download=cfg.data.download)
     _prepare_workdir(workdir, cfg, is_writer)
     t = cfg.train
 
@@ -270,12 +273,6 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     log.info(
         "tokenizer: %d tokens; model: %s", task.tokenizer.vocab_size, type(task.model).__name__
     )
-    if cfg.data.eval_split:
-        # Fail now, not after hours of training, if the evaluation split is missing.
-        sources.data_source(
-            cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir, download=cfg.data.download
-        )
-
     loop = _Loop(trainer, workdir, config_name)
     loop.num_shards = _num_data_shards(cfg, loop.ckpt, loop.ckpt.latest_step())
     train_iter = trainer.batches(cfg.data.train_split, loop.num_shards)
