@@ -22,6 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lmflax import config as config_lib
+from lmflax import viz
 from lmflax.config import Config, ConfigError
 from lmflax.core.losses import finalize
 from lmflax.core.state import TrainState
@@ -286,6 +287,10 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
         loop.close(failing=failing)
     if is_writer:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:  # a picture of the run (lmflax viz curves); drawing must never fail the run
+            viz.plot_workdir_curves([workdir], workdir / "curves.png")
+        except Exception as e:
+            log.warning("could not draw %s: %s", workdir / "curves.png", e)
     return summary
 
 
