@@ -4,6 +4,8 @@ is refused, and a plan for a GPU without jax's CUDA plugin says what to install.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -16,7 +18,9 @@ import pytest
 
 from lmflax import cli
 from lmflax.cli import quiet
+from lmflax.config import load_config_file
 from lmflax.train import plan
+from lmflax.train.loop import run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,3 +173,16 @@ def test_compiling_a_plan_reports_what_it_does_and_how_long(caplog):
         r"compiling X: done in \d+\.\d s", lines[-1]
     )
     assert 2 <= sum(line.startswith("still compiling X (") for line in lines) <= 4
+
+
+def test_a_run_from_a_hf_checkpoint_is_named_after_it(tmp_path):
+    """`--config=bert_tiny --config.model=hf:DIR`: the logs name the checkpoint, not bert_tiny."""
+    cfg, name = load_config_file("bert_tiny")
+    assert run_name(cfg, name) == "bert_tiny"
+    hf_dir = tmp_path / "all-MiniLM-L6-v2"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    from_hf = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, init_from=f"hf:{hf_dir}")
+    )
+    assert run_name(from_hf, name) == "all-MiniLM-L6-v2 (BertModel, via config bert_tiny)"

@@ -69,6 +69,22 @@ def _prepare_workdir(workdir: Path, cfg: Config, is_writer: bool) -> None:
         tmp.replace(saved)
 
 
+def run_name(cfg: Config, config_name: str) -> str:
+    """What the logs call a run: its config's name, or for a model that starts from a Hugging
+    Face checkpoint (model.init_from='hf:DIR') the checkpoint's folder and architecture, e.g.
+    'all-MiniLM-L6-v2 (BertModel, via config bert_tiny)'."""
+    spec = getattr(cfg.model, "init_from", None)
+    if not spec or not str(spec).startswith("hf:"):
+        return config_name
+    directory = Path(str(spec)[3:]).expanduser()
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = {}
+    arch = (hf.get("architectures") or [hf.get("model_type") or "HF model"])[0]
+    return f"{directory.resolve().name} ({arch}, via config {config_name})"
+
+
 def _close(it: Any) -> None:
     close = getattr(it, "close", None)
     if close is not None:
@@ -303,7 +319,7 @@ def _train(
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log.info(
         "%s: %s parameters, mesh %s, %d devices, steps %d -> %d",
-        loop.name,
+        run_name(cfg, loop.name),
         f"{n_params:,}",
         dict(trainer.mesh.shape),
         jax.device_count(),
