@@ -213,6 +213,29 @@ def _base_name(name: str) -> str:
     return name.split(":")[0].split("/")[0]
 
 
+def register_builder(name: str) -> bool:
+    """Imports the TFDS module that defines dataset `name` when `import tensorflow_datasets`
+    did not (this release skips some older modules: text/glue.py, text/conll2003/,
+    translate/wmt14.py, summarization/cnn_dailymail.py, ...); True when it is registered now."""
+    base = _base_name(name)
+    if base in tfds.list_builders(with_community_datasets=False):
+        return True
+    root = Path(tfds.__file__).parent
+    stems = dict.fromkeys([base, base.removesuffix("_translate")])
+    for stem in stems:
+        for path in [*root.glob(f"*/{stem}.py"), *root.glob(f"*/{stem}/{stem}.py")]:
+            module = ".".join(
+                ("tensorflow_datasets", *path.relative_to(root).with_suffix("").parts)
+            )
+            try:
+                importlib.import_module(module)
+            except Exception:  # a module that needs what is not installed: not this one
+                continue
+            if base in tfds.list_builders(with_community_datasets=False):
+                return True
+    return False
+
+
 def known_datasets() -> list[str]:
     """The TFDS datasets this installation knows (no community datasets: no network)."""
     return sorted({*tfds.list_builders(with_community_datasets=False), EMBEDDED})
@@ -223,7 +246,7 @@ def describe_unavailable(name: str, split: str, data_dir: str) -> str:
     name, the closest known names, whether TFDS has it but it is not prepared here (or not in
     array_record format), and the command that prepares it."""
     base = _base_name(name)
-    registered = base in known_datasets()
+    registered = register_builder(name)
     on_disk = (Path(data_dir) / base).is_dir()
     if not registered and not on_disk:
         known = known_datasets()
@@ -283,6 +306,8 @@ def data_source(name: str, split: str, data_dir: str | None, *, download: bool =
     data_dir = data_dir or default_data_dir()
     if name == EMBEDDED:
         ensure_embedded(data_dir)
+    else:
+        register_builder(name)
     try:
         with quiet_tfds() if not download else contextlib.nullcontext():
             source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
@@ -337,8 +362,7 @@ def prepare(
     if name == EMBEDDED:
         ensure_embedded(data_dir)
         return Path(LmflaxPystdlib(data_dir=data_dir, file_format="array_record").data_dir)
-    base = _base_name(name)
-    if base not in known_datasets():
+    if not register_builder(name):
         raise DatasetNotAvailableError(describe_unavailable(name, "train", data_dir))
     try:
         with quiet_tfds():
