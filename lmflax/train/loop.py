@@ -274,13 +274,12 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     cfg = resolve(cfg)
     validate_devices(cfg, jax.device_count())
     is_writer = jax.process_index() == 0
+    t = cfg.train
+    trainer = Trainer.create(cfg, init=False)
     # A missing or unprepared dataset (or split) stops here, before the workdir is touched.
     for split in dict.fromkeys(s for s in (cfg.data.train_split, cfg.data.eval_split) if s):
         sources.data_source(cfg.data.dataset, split, cfg.data.data_dir, download=cfg.data.download)
     _prepare_workdir(workdir, cfg, is_writer)
-    t = cfg.train
-
-    trainer = Trainer.create(cfg, init=False)
     _check_disk(workdir, trainer.abstract_state, t.keep_checkpoints)
     if cfg.mesh.memory_budget_gib:
         # Compiled ahead of time from shapes alone: a config that cannot fit stops here, before
