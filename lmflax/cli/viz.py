@@ -173,7 +173,12 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    att.add_argument("--workdir", required=True, help="a run directory (lmflax train --workdir)")
+    att.add_argument(
+        "--workdir",
+        required=True,
+        type=common.local_dir,
+        help="a run directory (lmflax train --workdir)",
+    )
     att.add_argument("--sentence", default=None, help="the text to run through the model")
     att.add_argument("--out", default=None, help="where to write (default WORKDIR/viz)")
     att.add_argument("--layer", default="0", help="layer index(es) or 'all' (default 0)")

@@ -142,10 +142,13 @@ class HFTokenizer:
         self.backend.no_truncation()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> HFTokenizer:
+    def from_pretrained(
+        cls, path: str | Path, *, revision: str | None = None, subfolder: str | None = None
+    ) -> HFTokenizer:
         """Loads the tokenizer of a HF model directory (tokenizer.json, or vocab.txt, or
-        vocab.json + merges.txt, with tokenizer_config.json / special_tokens_map.json)."""
-        directory = model_dir(path)
+        vocab.json + merges.txt, with tokenizer_config.json / special_tokens_map.json), or of
+        a hub id found in the Hugging Face cache (see `lmflax.data.hub.model_dir`)."""
+        directory = model_dir(path, revision=revision, subfolder=subfolder)
         cfg = _read_optional_json(directory / "tokenizer_config.json")
         special_map = _read_optional_json(directory / "special_tokens_map.json")
         model_type = _read_optional_json(directory / "config.json").get("model_type")
@@ -369,6 +372,8 @@ class HFTokenizer:
         )
 
 
-def load_tokenizer(path: str | Path) -> HFTokenizer:
-    """The tokenizer of a HF model directory (see `HFTokenizer.from_pretrained`)."""
-    return HFTokenizer.from_pretrained(path)
+def load_tokenizer(
+    path: str | Path, *, revision: str | None = None, subfolder: str | None = None
+) -> HFTokenizer:
+    """The tokenizer of a HF model directory or hub id (see `HFTokenizer.from_pretrained`)."""
+    return HFTokenizer.from_pretrained(path, revision=revision, subfolder=subfolder)

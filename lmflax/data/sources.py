@@ -296,13 +296,22 @@ def _suggest(name: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+# Readers of dataset names 'KIND:...' by KIND: reader(name, split, data_dir) -> a source.
+# lmflax.data.files registers the user's file kinds ('csv', 'jsonl', ...).
+READERS: dict[str, Callable[[str, str, str | None], Any]] = {}
+
+
 def data_source(name: str, split: str, data_dir: str | None, *, download: bool = False) -> Any:
     """A random-access TFDS source for `split` of dataset `name` (ArrayRecord).
 
     The embedded corpus is built on first use. Other datasets must already be prepared in
     array_record format (`lmflax data prepare NAME`) unless download=True. A dataset that
     cannot be opened raises DatasetNotAvailableError saying why and how to prepare it.
+    'KIND:PATH' names the user's files, converted on first use (lmflax.data.files).
     """
+    reader = READERS.get(name.split(":", 1)[0]) if ":" in name else None
+    if reader is not None:
+        return reader(name, split, data_dir)
     data_dir = data_dir or default_data_dir()
     if name == EMBEDDED:
         ensure_embedded(data_dir)

@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lmflax.data.hub import CheckpointError, model_dir, read_json
+from lmflax.data.hub import CheckpointError, missing_files_hint, model_dir, read_json
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -41,7 +41,7 @@ def find_weights(path: str | Path) -> Path:
     present = sorted(p.name for p in path.iterdir())
     raise FileNotFoundError(
         f"no weights in {path}: looked for {', '.join(WEIGHT_FILES)}; the directory holds "
-        f"{', '.join(present) or 'nothing'}"
+        f"{', '.join(present) or 'nothing'}" + missing_files_hint(path)
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from lmflax.config import ConfigError
 from lmflax.data.hf_tokenizer import HFTokenizer
-from lmflax.data.hub import CheckpointError, model_dir, read_config
+from lmflax.data.hub import CheckpointError, is_hub_id, model_dir, read_config
 from lmflax.hf import convert
 from lmflax.hf.convert import ARCHITECTURES, Architecture
 from lmflax.hf.files import WeightSource, find_weights, write_json, write_safetensors
@@ -48,8 +48,15 @@ class _Checkpoint:
         self.source.close()
 
     @classmethod
-    def open(cls, path: str | Path, architecture: str | None = None) -> _Checkpoint:
-        directory = model_dir(path)
+    def open(
+        cls,
+        path: str | Path,
+        architecture: str | None = None,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+    ) -> _Checkpoint:
+        directory = model_dir(path, revision=revision, subfolder=subfolder)
         hf = read_config(directory)
         source = WeightSource(find_weights(directory))
         try:
@@ -140,12 +147,17 @@ def from_pretrained(
     architecture: str | None = None,
     dtype: str = "float32",
     param_dtype: str = "float32",
+    revision: str | None = None,
+    subfolder: str | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Loads a local Hugging Face model directory as an lmflax module and its parameters.
+    """Loads a Hugging Face model (a local directory or a hub id) as an lmflax module and its
+    parameters.
 
     path: a directory with config.json and model.safetensors (or a sharded index, or
-    pytorch_model.bin, read without torch). architecture: override config.json's
+    pytorch_model.bin, read without torch), or a hub id ('org/name', 'org/name@revision')
+    found in the Hugging Face cache, downloaded first unless HF_HUB_OFFLINE=1 (`revision`,
+    `subfolder` as in transformers). architecture: override config.json's
     `architectures[0]` (e.g. 'BertModel' to take only the encoder of a BertForMaskedLM).
     dtype / param_dtype: compute and storage dtypes. overrides: other settings that do not
     change the checkpoint's meaning: scan_layers, remat, attention_impl, dropout_rate,
@@ -163,7 +175,7 @@ def from_pretrained(
             f"from_pretrained got {', '.join(bad)}: the checkpoint's config.json fixes them; "
             f"accepted overrides: dtype, param_dtype, {', '.join(convert.RUNTIME_FIELDS[2:])}"
         )
-    with _Checkpoint.open(path, architecture) as ckpt:
+    with _Checkpoint.open(path, architecture, revision=revision, subfolder=subfolder) as ckpt:
         config = dataclasses.replace(ckpt.config, dtype=dtype, param_dtype=param_dtype, **overrides)
         errs = config.validate()
         if errs:
@@ -194,7 +206,9 @@ def model_config(path: str | Path, **overrides: Any) -> ModelConfig:
         )
     with _Checkpoint.open(path) as ckpt:
         config = ckpt.config
-    overrides.setdefault("init_from", f"{HF_SCHEME}{Path(path).expanduser().resolve()}")
+    # A hub id stays an id (portable between machines); a local path becomes absolute.
+    source = str(path) if is_hub_id(path) else str(Path(path).expanduser().resolve())
+    overrides.setdefault("init_from", f"{HF_SCHEME}{source}")
     return dataclasses.replace(config, **overrides)
 
 
@@ -207,7 +221,8 @@ def parse_init_from(spec: str) -> Path:
     if not isinstance(spec, str) or not spec.startswith(HF_SCHEME) or len(spec) == len(HF_SCHEME):
         raise ValueError(
             f"model.init_from is {spec!r}; accepted: 'hf:DIR' with DIR a Hugging Face model "
-            "directory (config.json + model.safetensors or pytorch_model.bin)"
+            "directory (config.json + model.safetensors or pytorch_model.bin), or 'hf:ORG/NAME' "
+            "(or 'hf:ORG/NAME@REVISION') for a hub id"
         )
     return Path(spec[len(HF_SCHEME) :]).expanduser()
 

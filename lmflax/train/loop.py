@@ -170,7 +170,7 @@ class _Loop:
             keep_every=t.keep_every,
             verify=t.verify_checkpoints,
         )
-        self.writer = MetricWriter(workdir, enabled=self.is_writer)
+        self.writer = MetricWriter(workdir, enabled=self.is_writer, writers=t.writers)
         self.pending: list[tuple[int, Any]] = []  # (step, its 'skipped' flag) not yet checked
         self.skipped_total = 0
         self.last_saved: int | None = None
@@ -418,6 +418,7 @@ def _train(
         sample = _sample(loop, state)
         if sample is not None:
             summary["sample"] = sample
+            loop.writer.write_text(t.steps, "sample", sample)
     summary["final_step"] = int(jax.device_get(state.step))
     return summary
 
