@@ -141,8 +141,9 @@ def test_missing_dataset_and_oversized_tokenizer_are_clear_errors(data_dir, tmp_
         data_dir,
         check=False,
     )
-    assert proc.returncode == 1 and "cannot open TFDS dataset 'not_a_dataset'" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    # exit 2 (nothing was started: the config names no dataset), before the workdir is made
+    assert proc.returncode == 2 and "'not_a_dataset' is not a dataset TFDS knows" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "a").exists()
     # A 100-token model with a byte-level tokenizer (256 byte tokens at least): refused, named.
     proc = run_train(
         [f"--workdir={tmp_path / 'b'}", "--config.model.vocab_size=100"], data_dir, check=False

@@ -7,6 +7,7 @@
   lmflax viz       attention --workdir=DIR --sentence=TEXT [--layer=all] [--head=all]
   lmflax vectors   export | neighbors | evaluate ...
   lmflax config    show [--config=...] [--workdir=DIR]
+  lmflax data      prepare NAME [--data_dir=DIR]
 
 `python train.py ARGS` is `lmflax train ARGS`, and also accepts --eval_only, --generate and --plan
 (the older spellings of `lmflax eval`, `generate` and `plan`). Exit codes: 0 done, 1 runtime
@@ -23,14 +24,21 @@ from types import ModuleType
 # First, before anything imports jax: without an NVIDIA driver, jax's CUDA plugin (which the test
 # extra installs to compile for GPUs) must skip its CUDA check (lmflax/config/jax_env.py).
 import lmflax.config.jax_env  # noqa: F401  # isort: split
-from lmflax.cli import common
-from lmflax.cli import config as config_cmd
-from lmflax.cli import eval as eval_cmd
-from lmflax.cli import generate as generate_cmd
-from lmflax.cli import plan as plan_cmd
-from lmflax.cli import train as train_cmd
-from lmflax.cli import vectors as vectors_cmd
-from lmflax.cli import viz as viz_cmd
+
+# C++ libraries loaded with jax write start-up lines to stderr that no setting turns off; the
+# known ones (no CUDA driver, no TPU here) are dropped while jax and the rest are imported.
+from lmflax.cli.quiet import native_stderr_filtered  # isort: split
+
+with native_stderr_filtered():
+    from lmflax.cli import common
+    from lmflax.cli import config as config_cmd
+    from lmflax.cli import data as data_cmd
+    from lmflax.cli import eval as eval_cmd
+    from lmflax.cli import generate as generate_cmd
+    from lmflax.cli import plan as plan_cmd
+    from lmflax.cli import train as train_cmd
+    from lmflax.cli import vectors as vectors_cmd
+    from lmflax.cli import viz as viz_cmd
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "train": (train_cmd, "train (or resume) a run from a config"),
@@ -40,6 +48,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "viz": (viz_cmd, "pictures of attention and embeddings"),
     "vectors": (vectors_cmd, "export, query and evaluate word vectors"),
     "config": (config_cmd, "print the resolved config"),
+    "data": (data_cmd, "prepare a TFDS dataset for lmflax (array_record, no TensorFlow)"),
 }
 
 

@@ -9,7 +9,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+import jax
+
 from lmflax import config as config_lib
+from lmflax.cli.quiet import native_stderr_filtered
 from lmflax.config import Config, ConfigError
 from lmflax.data.hub import CheckpointError
 from lmflax.data.sources import DataError
@@ -67,6 +70,14 @@ def setup_logging(quiet: bool = False) -> None:
     for noisy in ("absl", "jax", "orbax", "tensorflow_datasets", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def start_backends() -> None:
+    """Starts JAX's backends (what the first `jax.devices()` does) without the native start-up
+    noise (`lmflax.cli.quiet`). Call it after jax.distributed.initialize, which must come
+    before any backend starts."""
+    with native_stderr_filtered():
+        jax.devices()
 
 
 def local_dir(value: str) -> str:

@@ -76,6 +76,7 @@ def generate(
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     common.setup_logging(args.quiet)
+    common.start_backends()
     config, name = (None, None)
     workdir = args.workdir
     if workdir is None or not (Path(workdir) / "config.json").exists():

@@ -63,6 +63,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     del overrides
     if args.command == "export":
+        common.start_backends()
         wv = from_workdir(args.workdir)
         write_vectors(args.out, wv, binary=args.binary)
         print(f"wrote {len(wv)} vectors of dimension {wv.dim} to {args.out}")

@@ -25,6 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lmflax import config as config_lib
+from lmflax import viz
 from lmflax.config import Config, ConfigError
 from lmflax.core.losses import finalize
 from lmflax.core.state import TrainState
@@ -70,6 +71,22 @@ def _prepare_workdir(workdir: Path, cfg: Config, is_writer: bool) -> None:
         tmp = saved.with_suffix(".tmp")
         tmp.write_text(config_lib.to_json(cfg))
         tmp.replace(saved)
+
+
+def run_name(cfg: Config, config_name: str) -> str:
+    """What the logs call a run: its config's name, or for a model that starts from a Hugging
+    Face checkpoint (model.init_from='hf:DIR') the checkpoint's folder and architecture, e.g.
+    'all-MiniLM-L6-v2 (BertModel, via config bert_tiny)'."""
+    spec = getattr(cfg.model, "init_from", None)
+    if not spec or not str(spec).startswith("hf:"):
+        return config_name
+    directory = Path(str(spec)[3:]).expanduser()
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = {}
+    arch = (hf.get("architectures") or [hf.get("model_type") or "HF model"])[0]
+    return f"{directory.resolve().name} ({arch}, via config {config_name})"
 
 
 def _close(it: Any) -> None:
@@ -319,10 +336,12 @@ def _workdir_lock(workdir: Path) -> Iterator[None]:
 
 def _run(cfg: Config, workdir: Path, config_name: str) -> dict[str, Any]:
     is_writer = jax.process_index() == 0
-    _prepare_workdir(workdir, cfg, is_writer)
     t = cfg.train
-
     trainer = Trainer.create(cfg, init=False)
+    # A missing or unprepared dataset (or split) stops here, before the workdir is touched.
+    for split in dict.fromkeys(s for s in (cfg.data.train_split, cfg.data.eval_split) if s):
+        sources.data_source(cfg.data.dataset, split, cfg.data.data_dir, download=cfg.data.download)
+    _prepare_workdir(workdir, cfg, is_writer)
     _check_disk(workdir, trainer.abstract_state, t.keep_checkpoints)
     if cfg.mesh.memory_budget_gib:
         # Compiled ahead of time from shapes alone: a config that cannot fit stops here, before
@@ -332,12 +351,6 @@ def _run(cfg: Config, workdir: Path, config_name: str) -> dict[str, Any]:
     log.info(
         "tokenizer: %d tokens; model: %s", task.tokenizer.vocab_size, type(task.model).__name__
     )
-    if cfg.data.eval_split:
-        # Fail now, not after hours of training, if the evaluation split is missing.
-        sources.data_source(
-            cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir, download=cfg.data.download
-        )
-
     loop = _Loop(trainer, workdir, config_name)
     loop.num_shards = _num_data_shards(cfg, loop.ckpt, loop.ckpt.latest_step())
     train_iter = trainer.batches(cfg.data.train_split, loop.num_shards)
@@ -351,6 +364,10 @@ def _run(cfg: Config, workdir: Path, config_name: str) -> dict[str, Any]:
         loop.close(failing=failing)
     if is_writer:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:  # a picture of the run (lmflax viz curves); drawing must never fail the run
+            viz.plot_workdir_curves([workdir], workdir / "curves.png")
+        except Exception as e:
+            log.warning("could not draw %s: %s", workdir / "curves.png", e)
     return summary
 
 
@@ -363,7 +380,7 @@ def _train(
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     log.info(
         "%s: %s parameters, mesh %s, %d devices, steps %d -> %d",
-        loop.name,
+        run_name(cfg, loop.name),
         f"{n_params:,}",
         dict(trainer.mesh.shape),
         jax.device_count(),
