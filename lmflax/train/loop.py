@@ -305,8 +305,13 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     workdir = Path(workdir)
     cfg = resolve(cfg)
     validate_devices(cfg, jax.device_count())
+    trainer = Trainer.create(cfg, init=False)
+    # A missing or unprepared dataset (or split) stops here, before the workdir is touched (not
+    # even its lock is taken).
+    for split in dict.fromkeys(s for s in (cfg.data.train_split, cfg.data.eval_split) if s):
+        sources.data_source(cfg.data.dataset, split, cfg.data.data_dir, download=cfg.data.download)
     with _workdir_lock(workdir):
-        return _run(cfg, workdir, config_name)
+        return _run(cfg, trainer, workdir, config_name)
 
 
 @contextlib.contextmanager
@@ -334,13 +339,9 @@ def _workdir_lock(workdir: Path) -> Iterator[None]:
         lock.release()
 
 
-def _run(cfg: Config, workdir: Path, config_name: str) -> dict[str, Any]:
+def _run(cfg: Config, trainer: Trainer, workdir: Path, config_name: str) -> dict[str, Any]:
     is_writer = jax.process_index() == 0
     t = cfg.train
-    trainer = Trainer.create(cfg, init=False)
-    # A missing or unprepared dataset (or split) stops here, before the workdir is touched.
-    for split in dict.fromkeys(s for s in (cfg.data.train_split, cfg.data.eval_split) if s):
-        sources.data_source(cfg.data.dataset, split, cfg.data.data_dir, download=cfg.data.download)
     _prepare_workdir(workdir, cfg, is_writer)
     _check_disk(workdir, trainer.abstract_state, t.keep_checkpoints)
     if cfg.mesh.memory_budget_gib:
