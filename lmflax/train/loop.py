@@ -222,7 +222,7 @@ class _Loop:
                 self.last_saved = step
                 self.skipped_total = int(meta.get("skipped_total", 0))
                 log.info("resumed from %s at step %d", self.ckpt.directory, step)
-                return trainer.state.with_arrays(arrays), meta
+                return trainer.restored(arrays), meta
             log.info("initialised a new run in %s", self.workdir)
             return trainer.initialize(), None
 
@@ -299,10 +299,12 @@ def _train(
     t = cfg.train
     start = int(jax.device_get(state.step))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.frozen))
     log.info(
-        "%s: %s parameters, mesh %s, %d devices, steps %d -> %d",
+        "%s: %s parameters%s, mesh %s, %d devices, steps %d -> %d",
         loop.name,
         f"{n_params:,}",
+        f" trained (LoRA adapters) + {n_frozen:,} frozen" if n_frozen else "",
         dict(trainer.mesh.shape),
         jax.device_count(),
         start,
@@ -388,7 +390,7 @@ def _train(
                 loop.writer.write(t.steps, ev, file="eval_metrics", prefix="eval/")
             log.info("eval on %s: %s", cfg.data.eval_split, _fmt(ev))
         generated = trainer.task.evaluate_generation(
-            state.params, jax.random.fold_in(jax.random.key(t.seed), 3)
+            trainer.model_params(state), jax.random.fold_in(jax.random.key(t.seed), 3)
         )
         if generated is not None:
             gen_metrics, predictions = generated
@@ -407,7 +409,7 @@ def _train(
 
 def _sample(loop: _Loop, state: TrainState) -> str | None:
     return loop.trainer.task.sample(
-        state.params, jax.random.fold_in(jax.random.key(loop.cfg.train.seed), 2)
+        loop.trainer.model_params(state), jax.random.fold_in(jax.random.key(loop.cfg.train.seed), 2)
     )
 
 
