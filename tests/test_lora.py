@@ -199,6 +199,53 @@ print(tuple(k.spec), tuple(q["lora_a"].spec), tuple(q["lora_b"].spec))
     assert out == "('fsdp', 'tensor', None) ('fsdp', None) (None, 'tensor', None)", out
 
 
+def test_a_sharded_lora_step_equals_the_one_device_step():
+    """8 fake devices, fsdp=2 x tensor=4, int8 base: the same losses and adapters as 1 device
+    (in a subprocess, which can have 8 CPU devices)."""
+    code = """
+import jax, numpy as np
+from lmflax.config import load_config_file, override
+from lmflax.train import Trainer
+cfg, _ = load_config_file("gpt_tiny")
+cfg = override(cfg, {"data.batch_size": 4, "data.seq_len": 16, "model.lora.rank": 4,
+                     "model.lora.base_dtype": "int8", "optimizer.warmup_steps": 0,
+                     "model.lora.targets": ("attention/(query|value|out)", "mlp/w")})
+out = []
+for mesh, devices in (({"mesh.data": 1}, jax.devices()[:1]),
+                      ({"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 4}, jax.devices())):
+    t = Trainer.create(override(cfg, mesh), devices=devices)
+    s, step = t.state, t.jit_train_step()
+    rng = np.random.default_rng(0)
+    b = t.task.dummy_batch(4)
+    b["inputs"] = rng.integers(0, 100, b["inputs"].shape).astype(np.int32)
+    b["targets"] = np.roll(b["inputs"], -1, axis=1)
+    losses = []
+    with t.context():
+        for i in range(3):
+            s, m = step(s, t.global_batch(b), jax.random.key(i))
+            losses.append(float(m["loss"][0]))
+    q = s.params["decoder"]["layers_0"]["attention"]["query"]["lora_b"]
+    out.append((losses, np.asarray(jax.device_get(s.params["decoder"]["layers_1"]["mlp"]["wo"]["lora_a"])),
+                len(q.sharding.device_set)))
+(l1, a1, n1), (l8, a8, n8) = out
+assert (n1, n8) == (1, 8), (n1, n8)
+np.testing.assert_allclose(l1, l8, rtol=1e-5)
+np.testing.assert_allclose(a1, a8, rtol=1e-4, atol=1e-6)
+print("ok", l1, l8)
+"""
+    import os
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Training: only the adapters
 
@@ -350,25 +397,27 @@ def test_merged_export_is_w_plus_scaled_ba(hf_dirs, base_dtype, tmp_path):
         np.testing.assert_allclose(got[name], c_fc, rtol=1e-6, atol=1e-7)
 
 
-def _lmflax_logits(path, merged, ids):
-    module, _ = from_pretrained(path)
+def _lmflax_logits(path, merged, ids, **overrides):
+    module, _ = from_pretrained(path, **overrides)
     return np.asarray(module.apply({"params": merged}, ids, deterministic=True))
 
 
 @pytest.mark.parametrize(
-    ("family", "targets"),
+    ("family", "targets", "scan"),
     [
-        ("gpt2", ("attention/(query|value)", "mlp/(wi|wo)", "attention/out")),  # fused Conv1D
-        ("bert", ("attention/(query|key|value)", "attention/out", "mlp/wo", "transform")),
+        ("gpt2", ("attention/(query|value)", "mlp/(wi|wo)", "attention/out"), False),  # Conv1D
+        ("gpt2", ("attention/(query|value)",), True),  # stacked layers, unrolled for PEFT
+        ("bert", ("attention/(query|key|value)", "attention/out", "mlp/wo", "transform"), False),
     ],
 )
 def test_peft_loads_the_adapter_folder_with_the_same_logits(
-    hf_dirs, family, targets, tmp_path, torch, transformers
+    hf_dirs, family, targets, scan, tmp_path, torch, transformers
 ):
     import peft
 
     path = hf_dirs[family]
     cfg = _hf_cfg(family, path, rank=3, alpha=5.0, targets=targets)
+    cfg = override(cfg, {"model.scan_layers": scan})
     trainer = Trainer.create(cfg)
     state = trainer.state.replace(params=_random_adapters(trainer.state, scale=0.5))
     merged = trainer.model_params(state)
@@ -390,7 +439,7 @@ def test_peft_loads_the_adapter_folder_with_the_same_logits(
     ids = np.random.default_rng(1).integers(0, V, (2, 12)).astype(np.int32)
     want = model(input_ids=torch.tensor(ids.astype(np.int64))).logits.numpy()
     base = cls.from_pretrained(path).eval()(input_ids=torch.tensor(ids.astype(np.int64)))
-    got = _lmflax_logits(path, merged, ids)
+    got = _lmflax_logits(path, merged, ids, scan_layers=scan)
     assert np.max(np.abs(want - base.logits.numpy())) > 1e-2  # the adapters matter
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
