@@ -261,7 +261,7 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     t = cfg.train
 
     trainer = Trainer.create(cfg, init=False)
-    _check_disk(workdir, trainer.abstract_state, t.keep_checkpoints)
+    _check_disk(workdir, trainer.abstract_for_restore(), t.keep_checkpoints)  # what is saved
     if cfg.mesh.memory_budget_gib:
         # Compiled ahead of time from shapes alone: a config that cannot fit stops here, before
         # any parameter is allocated.
