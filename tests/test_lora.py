@@ -561,3 +561,18 @@ def _check_run_exports(workdir: Path, base_dir: Path, tmp_path: Path) -> None:
             atol=1e-4,
             rtol=0,
         )
+
+
+def test_a_model_section_set_after_its_lora_keys_is_refused():
+    """`model.lora.rank=8 model=hf:DIR` would silently train without LoRA."""
+    from lmflax.config import apply_overrides
+
+    cfg, _ = load_config_file("gpt_tiny")
+    with pytest.raises(
+        ConfigError,
+        match=r"model=bert_tiny replaces the whole model section.*"
+        r"model\.lora\.rank=\.\.\.; put model=\.\.\. first",
+    ):
+        apply_overrides(cfg, ["model.lora.rank=8", "model=bert_tiny"])
+    ok = apply_overrides(cfg, ["model=bert_tiny", "model.lora.rank=8"])
+    assert ok.model.family == "bert" and ok.model.lora.rank == 8
