@@ -576,3 +576,34 @@ def test_a_model_section_set_after_its_lora_keys_is_refused():
         apply_overrides(cfg, ["model.lora.rank=8", "model=bert_tiny"])
     ok = apply_overrides(cfg, ["model=bert_tiny", "model.lora.rank=8"])
     assert ok.model.family == "bert" and ok.model.lora.rank == 8
+
+
+@pytest.mark.slow
+def test_resuming_on_a_changed_base_is_refused(hf_dirs, data_dir, tmp_path):
+    """Checkpoints reference the init_from base by its files' SHA-256: a base whose weights
+    changed since is a config error (exit 2), not adapters silently applied to other weights."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(hf_dirs["gpt2"], base)
+    args = [
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.model=hf:{base}",
+        *TINY[:-2],
+        "--config.train.steps=4",
+    ]
+    run_train(args, data_dir)
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert set(meta["lora_base"]["files"]) == {"config.json", "model.safetensors"}
+    again = run_train(args, data_dir)  # the same base: resumes (and finds the run complete)
+    assert "resumed from" in again.stderr
+    tensors = load_file(str(base / "model.safetensors"))
+    name = "transformer.h.0.attn.c_attn.weight"
+    tensors[name] = tensors[name] + np.float32(1e-3)
+    save_file(tensors, str(base / "model.safetensors"), {"format": "pt"})
+    proc = run_train(args, data_dir, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "holds LoRA adapters trained on the base" in proc.stderr
+    assert "model.safetensors" in proc.stderr

@@ -14,6 +14,7 @@ its update is exactly theirs), declared through PEFT's rank_pattern / alpha_patt
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,11 +25,30 @@ import numpy as np
 
 from lmflax.data.hub import CheckpointError
 from lmflax.hf import convert
-from lmflax.hf.files import write_json, write_safetensors
-from lmflax.hf.pretrained import _architecture_of, save_pretrained
+from lmflax.hf.files import WeightSource, find_weights, write_json, write_safetensors
+from lmflax.hf.pretrained import _architecture_of, parse_init_from, save_pretrained
 from lmflax.models import lora
 from lmflax.models.config import LoraConfig, ModelConfig
 from lmflax.nn import unstack_layers
+
+
+def base_fingerprint(init_from: str) -> dict[str, Any]:
+    """What a LoRA checkpoint records of the base it references (model.init_from='hf:DIR'):
+    the directory and {file: [size, sha256]} of its config.json and weight files (every shard
+    of a sharded checkpoint). Reads every byte of the weights once."""
+    directory = parse_init_from(init_from)
+    weights = find_weights(directory)
+    files = [directory / "config.json", weights]
+    if weights.name.endswith(".index.json"):
+        files += WeightSource._shards(weights)
+    out = {}
+    for f in sorted(set(files)):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 24), b""):
+                h.update(block)
+        out[f.name] = [f.stat().st_size, h.hexdigest()]
+    return {"directory": str(directory.resolve()), "files": out}
 
 
 def save_merged(
