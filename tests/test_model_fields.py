@@ -17,6 +17,7 @@ import pytest
 
 from lmflax.config import ConfigError, load_config_file, override
 from lmflax.models import PRESETS, BertConfig, BertModel, ModelConfig
+from lmflax.models.config import LoraConfig
 from lmflax.tasks import make_task
 from lmflax.train import resolve
 
@@ -78,6 +79,8 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
         "position": ("none" if base.position != "none" else "learned", {}),
         "tie_embeddings": (not base.tie_embeddings, {}),
         "init_from": ("hf:/nonexistent/lmflax-model", {}),
+        # LoRA changes what is trained, not the model: checked on the trainer (TRAINER_FIELDS).
+        "lora": (LoraConfig(rank=2, targets=("query",)), {}),
         # BERT
         "type_vocab_size": (3, {}),
         "add_pooler": (False, {}),
@@ -126,6 +129,9 @@ REFUSED: dict[str, set[str]] = {
     "word2vec": {f.name for f in dataclasses.fields(ModelConfig)}
     - {"d_model", "vocab_size", "dtype", "param_dtype"},
 }
+# Settings of what is trained rather than what the model computes: each must change the train
+# state (LoRA: adapters as the trained parameters, the base frozen).
+TRAINER_FIELDS = {"lora"}
 # word2vec settings that shape the training examples rather than the model: each must be read
 # by the data pipeline or the task.
 DATA_FIELDS = {"word2vec": {"window", "min_count", "sample", "ns_exponent", "lowercase"}}
@@ -192,6 +198,15 @@ def test_every_model_field_changes_the_model_or_is_refused(family, field):
     if field in REFUSED[family]:
         with pytest.raises(ConfigError, match=r"model\."):
             resolve(variant_cfg)
+        return
+    if field in TRAINER_FIELDS:
+        from lmflax.train import Trainer
+
+        def shapes(cfg: Any) -> Any:
+            state = Trainer.create(resolve(cfg), init=False).state
+            return jax.tree.map(lambda x: (x.shape, str(x.dtype)), (state.params, state.frozen))
+
+        assert shapes(variant_cfg) != shapes(base_cfg), f"model.{field} changes no train state"
         return
     if field in DATA_FIELDS.get(family, ()):
         sources = [

@@ -84,7 +84,8 @@ class Word2VecConfig(ModelConfig):
         for f in dataclasses.fields(ModelConfig):
             if f.name in _USED:
                 continue
-            default = next(g for g in dataclasses.fields(self) if g.name == f.name).default
+            g = next(g for g in dataclasses.fields(self) if g.name == f.name)
+            default = g.default if g.default is not dataclasses.MISSING else g.default_factory()
             if getattr(self, f.name) != default:
                 errs.append(
                     f"model.{f.name}={getattr(self, f.name)!r} is a Transformer setting that "

@@ -30,6 +30,7 @@ from lmflax.config import Config, ConfigError
 from lmflax.core.losses import finalize
 from lmflax.core.state import TrainState
 from lmflax.data import sources
+from lmflax.hf import adapters
 from lmflax.parallel import validate_devices
 from lmflax.train import plan
 from lmflax.train.checkpoint import TMP_SUFFIX, Checkpointer
@@ -200,6 +201,11 @@ class _Loop:
         self.skipped_total = 0
         self.last_saved: int | None = None
         self.num_shards = 0  # the data stream's shard count, set by `run`
+        # A LoRA run's checkpoints reference their base (model.init_from) instead of holding it:
+        # they record its files' sums, and a resumed run refuses a base that has changed.
+        self.base_fingerprint = None
+        if trainer.lora_plan is not None and not trainer.state.save_frozen:
+            self.base_fingerprint = adapters.base_fingerprint(self.cfg.model.init_from)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -254,6 +260,8 @@ class _Loop:
             "data_shards": self.num_shards,
             "process_count": jax.process_count(),
         }
+        if self.base_fingerprint is not None:
+            meta["lora_base"] = self.base_fingerprint
         try:  # orbax first waits for the previous save, so its error can surface here
             self.ckpt.save(step, state.arrays(), train_iter, meta, force=True)
         except Exception as e:
@@ -268,12 +276,30 @@ class _Loop:
             restored = self.ckpt.restore_latest(trainer.abstract_for_restore(), train_iter)
             if restored is not None:
                 step, arrays, meta = restored
+                self.check_base(step, meta)
                 self.last_saved = step
                 self.skipped_total = int(meta.get("skipped_total", 0))
                 log.info("resumed from %s at step %d", self.ckpt.directory, step)
-                return trainer.state.with_arrays(arrays), meta
+                return trainer.restored(arrays), meta
             log.info("initialised a new run in %s", self.workdir)
             return trainer.initialize(), None
+
+    def check_base(self, step: int, meta: dict[str, Any]) -> None:
+        """A LoRA checkpoint's adapters were trained on the base it recorded: refuse another."""
+        saved = meta.get("lora_base")
+        if saved is None or self.base_fingerprint is None or saved == self.base_fingerprint:
+            return
+        changed = sorted(
+            name
+            for name in set(saved.get("files", {})) | set(self.base_fingerprint["files"])
+            if saved.get("files", {}).get(name) != self.base_fingerprint["files"].get(name)
+        )
+        raise ConfigError(
+            f"the checkpoint at step {step} in {self.ckpt.directory} holds LoRA adapters trained "
+            f"on the base in {saved.get('directory')}, but model.init_from's files differ from "
+            f"it now ({', '.join(changed) or 'directory'}); restore that base, or start a new "
+            "--workdir"
+        )
 
     def wait(self) -> None:
         """Blocks until pending saves finish; a failed one becomes a TrainingError."""
@@ -343,7 +369,7 @@ def _run(cfg: Config, trainer: Trainer, workdir: Path, config_name: str) -> dict
     is_writer = jax.process_index() == 0
     t = cfg.train
     _prepare_workdir(workdir, cfg, is_writer)
-    _check_disk(workdir, trainer.abstract_state, t.keep_checkpoints)
+    _check_disk(workdir, trainer.abstract_for_restore(), t.keep_checkpoints)  # what is saved
     if cfg.mesh.memory_budget_gib:
         # Compiled ahead of time from shapes alone: a config that cannot fit stops here, before
         # any parameter is allocated.
@@ -379,10 +405,12 @@ def _train(
     t = cfg.train
     start = int(jax.device_get(state.step))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.frozen))
     log.info(
-        "%s: %s parameters, mesh %s, %d devices, steps %d -> %d",
+        "%s: %s parameters%s, mesh %s, %d devices, steps %d -> %d",
         run_name(cfg, loop.name),
         f"{n_params:,}",
+        f" trained (LoRA adapters) + {n_frozen:,} frozen" if n_frozen else "",
         dict(trainer.mesh.shape),
         jax.device_count(),
         start,
@@ -474,7 +502,7 @@ def _train(
                 loop.writer.write(t.steps, ev, file="eval_metrics", prefix="eval/")
             log.info("eval on %s: %s", cfg.data.eval_split, _fmt(ev))
         generated = trainer.task.evaluate_generation(
-            state.params, jax.random.fold_in(jax.random.key(t.seed), 3)
+            trainer.model_params(state), jax.random.fold_in(jax.random.key(t.seed), 3)
         )
         if generated is not None:
             gen_metrics, predictions = generated
@@ -494,7 +522,7 @@ def _train(
 
 def _sample(loop: _Loop, state: TrainState) -> str | None:
     return loop.trainer.task.sample(
-        state.params, jax.random.fold_in(jax.random.key(loop.cfg.train.seed), 2)
+        loop.trainer.model_params(state), jax.random.fold_in(jax.random.key(loop.cfg.train.seed), 2)
     )
 
 

@@ -270,7 +270,14 @@ def model_costs(trainer: Any) -> dict[str, Any]:
     """Parameter counts and FLOPs per token of the trainer's model, from shapes alone:
     {params, matmul_params, flops_per_token, attention_flops_per_token}."""
     with trainer.context():
-        boxed = jax.eval_shape(trainer.init_fn, trainer.init_rng)["params"]
+        if getattr(trainer, "lora_plan", None) is not None:
+            # LoRA: the model computes with the whole (frozen + adapted) parameter tree.
+            dummy = trainer.task.dummy_batch(1)
+            boxed = jax.eval_shape(
+                lambda r: trainer.task.init(r, dummy)["params"], trainer.init_rng
+            )
+        else:
+            boxed = jax.eval_shape(trainer.init_fn, trainer.init_rng)["params"]
     matmul = matmul_parameter_count(boxed)
     attn = attention_flops_per_token(trainer.cfg)
     return {

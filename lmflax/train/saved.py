@@ -15,6 +15,8 @@ import jax
 from lmflax import config as config_lib
 from lmflax.config import Config, ConfigError
 from lmflax.core.state import TrainState
+from lmflax.hf import adapters, save_pretrained
+from lmflax.hf.pretrained import parse_init_from
 from lmflax.tasks import Task
 from lmflax.train.checkpoint import Checkpointer, CheckpointIntegrityError, verify_checksums
 from lmflax.train.checks import resolve
@@ -59,7 +61,36 @@ class Run:
 
     @property
     def params(self) -> Any:
-        return self.state.params
+        """The model's parameters (with LoRA: the adapters merged into the base)."""
+        return self.trainer.model_params(self.state)
+
+    def export_hf(self, out: str | Path, **kwargs: Any) -> Path:
+        """Writes the run's model as a Hugging Face directory (`lmflax.hf.save_pretrained`;
+        kwargs: tokenizer, architecture); a LoRA run's adapters are merged in (W + (alpha/r)·A·B)."""
+        plan = self.trainer.lora_plan
+        if plan is None:
+            return save_pretrained(self.cfg.model, self.params, out, **kwargs)
+        return adapters.save_merged(
+            self.cfg.model, plan, self.state.frozen, self.state.params, out, **kwargs
+        )
+
+    def export_peft(self, out: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+        """Writes a LoRA run's adapters as a PEFT adapter folder (adapter_config.json +
+        adapter_model.safetensors). The base it names defaults to model.init_from's directory."""
+        plan = self.trainer.lora_plan
+        if plan is None:
+            raise ConfigError(f"{self.workdir} is no LoRA run (model.lora.rank is 0)")
+        init_from = getattr(self.cfg.model, "init_from", None)
+        if base_model_name_or_path is None and init_from:
+            base_model_name_or_path = str(parse_init_from(init_from))
+        return adapters.save_peft_adapter(
+            self.cfg.model,
+            plan,
+            self.params,
+            self.state.params,
+            out,
+            base_model_name_or_path=base_model_name_or_path,
+        )
 
     @property
     def source(self) -> str:
@@ -130,7 +161,7 @@ class Run:
         finally:
             if ckpt is not None:
                 ckpt.close()
-        state = trainer.state.with_arrays(arrays)
+        state = trainer.restored(arrays)
         return cls(workdir=workdir, cfg=cfg, trainer=trainer, state=state, step=step)
 
 
