@@ -607,3 +607,33 @@ def test_resuming_on_a_changed_base_is_refused(hf_dirs, data_dir, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "holds LoRA adapters trained on the base" in proc.stderr
     assert "model.safetensors" in proc.stderr
+
+
+def test_the_llama_lora_config_adapts_every_projection_of_a_llama():
+    """finetune/llama_lora:tiny: LoRA on a Llama-family GPT (GQA, SwiGLU's gate, untied head):
+    every attention and MLP kernel gets adapters, only they train, the bf16 base stays put."""
+    cfg, _ = load_config_file("finetune/llama_lora:tiny")
+    cfg = override(cfg, {"mesh.data": 1, "data.batch_size": 2, "data.seq_len": 16})
+    trainer = Trainer.create(cfg)
+    state = trainer.state
+    names = {"/".join(s.path[-2:]) for s in trainer.lora_plan.adapted}
+    want = {f"attention/{n}" for n in ("query", "key", "value", "out")}
+    assert names == want | {f"mlp/{n}" for n in ("wi", "wi_gate", "wo")}
+    r = cfg.model.lora.rank
+    n_adapters = sum(
+        r * (int(np.prod(s.in_shape)) + int(np.prod(s.out_shape)))
+        for s in trainer.lora_plan.adapted
+    )
+    assert _count(state.params) == n_adapters
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.frozen))
+    frozen_before = [np.asarray(x).copy() for x in jax.tree.leaves(state.frozen)]
+    step = trainer.jit_train_step()
+    batch = trainer.task.dummy_batch(2)
+    rng = np.random.default_rng(0)
+    batch["inputs"] = rng.integers(0, 100, batch["inputs"].shape).astype(np.int32)
+    batch["targets"] = np.roll(batch["inputs"], -1, axis=1)
+    with trainer.context():
+        for i in range(3):
+            state, _ = step(state, trainer.global_batch(batch), jax.random.key(i))
+    for a, b in zip(frozen_before, jax.tree.leaves(state.frozen)):
+        assert a.tobytes() == np.asarray(b).tobytes()
