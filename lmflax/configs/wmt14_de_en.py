@@ -3,7 +3,7 @@
 length penalty 0.6 for the BLEU score after training.
 
 The data must be prepared once (about 4.5M sentence pairs):
-    tfds build wmt14_translate/de-en --file_format=array_record
+    lmflax data prepare wmt14_translate/de-en
 `:tiny` is the same recipe at laptop size (transformer_tiny, short sentences, a few hundred
 steps); `--config=configs/wmt14_de_en.py:tiny`.
 """

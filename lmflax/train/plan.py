@@ -271,8 +271,9 @@ def model_costs(trainer: Any) -> dict[str, Any]:
     {params, matmul_params, flops_per_token, attention_flops_per_token}."""
     with trainer.context():
         if getattr(trainer, "lora_plan", None) is not None:
-            # LoRA: the model computes with the whole (frozen + adapted) parameter tree.
-            dummy = trainer.task.dummy_batch(1)
+            # LoRA: the model computes with the whole (frozen + adapted) parameter tree. Traced
+            # with the global batch: a fused attention kernel shards it over the mesh.
+            dummy = trainer.task.dummy_batch(trainer.cfg.data.batch_size)
             boxed = jax.eval_shape(
                 lambda r: trainer.task.init(r, dummy)["params"], trainer.init_rng
             )
