@@ -143,11 +143,13 @@ def test_missing_dataset_and_oversized_tokenizer_are_clear_errors(data_dir, tmp_
     )
     assert proc.returncode == 1 and "cannot open TFDS dataset 'not_a_dataset'" in proc.stderr
     assert "Traceback" not in proc.stderr
-    # A 100-token model with a byte-level tokenizer (256 byte tokens at least): refused, named.
+    # A 100-token model with a byte-level tokenizer (256 byte tokens at least): refused, named,
+    # before the workdir is made or a tokenizer trained (issue 17).
     proc = run_train(
         [f"--workdir={tmp_path / 'b'}", "--config.model.vocab_size=100"], data_dir, check=False
     )
-    assert proc.returncode == 1 and "ids would fall outside the embedding table" in proc.stderr
+    assert proc.returncode == 2 and "model.vocab_size=100" in proc.stderr, proc.stderr[-2000:]
+    assert "at least 258 tokens" in proc.stderr and not (tmp_path / "b").exists()
 
 
 def test_invalid_utf8_names_the_record(tmp_path):
