@@ -406,7 +406,7 @@ def test_ordinary_numbers_still_parse():
         ({"model.vocab_size": 0}, r"model\.vocab_size must be >= 2"),
         ({"task.doc_stride": 0}, r"task\.doc_stride must be > 0"),
         ({"task.num_labels": 0}, r"task\.num_labels must be > 0"),
-        ({"data.tokenizer_train_docs": 0}, r"data\.tokenizer_train_docs must be > 0"),
+        ({"data.tokenizer_train_docs": -1}, r"data\.tokenizer_train_docs must be >= 0"),
         ({"data.text_key": ""}, r"data\.text_key must not be empty"),
     ],
 )

@@ -194,8 +194,11 @@ class DataConfig:
             errs.append(f"data.batch_size must be > 0, got {self.batch_size}")
         if self.seq_len <= 0:
             errs.append(f"data.seq_len must be > 0, got {self.seq_len}")
-        if self.tokenizer_train_docs <= 0:
-            errs.append(f"data.tokenizer_train_docs must be > 0, got {self.tokenizer_train_docs}")
+        if self.tokenizer_train_docs < 0:
+            errs.append(
+                f"data.tokenizer_train_docs must be >= 0 (word2vec: 0 = all), got "
+                f"{self.tokenizer_train_docs}"
+            )
         if self.shuffle_buffer < 0:
             errs.append(
                 f"data.shuffle_buffer must be >= 0 (0 or 1 = off), got {self.shuffle_buffer}"
