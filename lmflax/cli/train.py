@@ -89,6 +89,11 @@ def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         + (f", loss {loss:.4f}" if loss is not None else "")
         + (f", eval loss {summary['eval']['loss']:.4f}" if "eval" in summary else "")
         + "".join(f", {k} {v:.2f}" for k, v in summary.get("generation", {}).items())
+        + (
+            f", {summary['skipped_total']} steps skipped (non-finite)"
+            if summary.get("skipped_total")
+            else ""
+        )
         + f"; workdir {workdir}"
     )
     return 0
