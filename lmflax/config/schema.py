@@ -302,10 +302,10 @@ class TrainConfig:
     checkpoint_every=0 saves only at the end; eval_every=0 evaluates only at the end.
     Retention: the newest keep_checkpoints checkpoints survive, plus every step that is a multiple
     of keep_every (0 = none). verify_checkpoints checks each checkpoint's recorded SHA-256 sums
-    before restoring it. nonfinite: what a NaN/Inf loss or gradient does — 'stop' (exit non-zero,
-    naming the step) or 'skip' (the update is dropped, parameters and optimizer state stay
-    bit-for-bit unchanged, and the skips are counted in the metrics); either way no update from a
-    non-finite step is ever applied or saved.
+    before restoring it. nonfinite: what a NaN/Inf loss, gradient or updated parameter does —
+    'stop' (exit non-zero, naming the step) or 'skip' (the update is dropped, parameters and
+    optimizer state stay bit-for-bit unchanged, and the skips are counted in the metrics);
+    either way no update from a non-finite step is ever applied or saved.
     sample_tokens tokens are generated from sample_prompt at the end (0 = no sample).
     writers: where logged values go, comma-separated: 'jsonl' (workdir/metrics.jsonl, which
     `lmflax viz curves` and analysis read), 'tensorboard' (workdir/tensorboard), and
