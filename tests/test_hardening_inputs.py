@@ -360,6 +360,21 @@ def test_a_wrongly_typed_value_built_in_python_is_named_not_a_type_error():
         resolve(bad)
 
 
+def test_numpy_numbers_and_lists_in_a_python_config_are_accepted_and_checked():
+    cfg, _ = load_config_file(None)
+    ok = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, steps=np.int64(5)),
+        task=dataclasses.replace(cfg.task, metrics=["bleu"]),
+    )
+    ok.validate()
+    bad = dataclasses.replace(
+        cfg, optimizer=dataclasses.replace(cfg.optimizer, eps=np.float32("nan"))
+    )
+    with pytest.raises(ConfigError, match=r"optimizer\.eps must be a finite number"):
+        bad.validate()
+
+
 @pytest.mark.parametrize(
     "item",
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import types
 import typing
 from collections.abc import Iterable
@@ -38,7 +39,11 @@ def finite_floats(errs: list[str], section: str, obj: Any) -> None:
     (`nan <= 0` is False, so range checks alone let them through)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
+        if (
+            isinstance(value, numbers.Real)
+            and not isinstance(value, numbers.Integral)
+            and not math.isfinite(value)
+        ):
             errs.append(f"{section}.{f.name} must be a finite number, got {value}")
 
 
@@ -54,14 +59,14 @@ def _matches(value: Any, tp: Any) -> bool | None:
         return value is None
     if tp is bool:
         return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is int:  # numbers.Integral: NumPy's integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if tp is str:
         return isinstance(value, str)
     if tp is tuple or origin is tuple:
-        return isinstance(value, tuple)
+        return isinstance(value, tuple | list)  # a list reads as the tuple (from_dict freezes it)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return isinstance(value, tp)
     return None
