@@ -230,6 +230,27 @@ def test_damage_before_the_last_line_is_named_with_its_line_number(tmp_path):
     assert "\x00" in path.read_text()  # nothing was rewritten
 
 
+@pytest.mark.slow
+def test_a_run_resumes_past_a_metrics_line_cut_by_a_crash(data_dir, tmp_path):
+    args = [
+        f"--workdir={tmp_path}",
+        "--config.model.num_layers=1",
+        "--config.model.d_model=32",
+        "--config.model.d_ff=64",
+        "--config.data.seq_len=32",
+        "--config.data.batch_size=4",
+        "--config.data.eval_split=",
+        "--config.train.sample_tokens=0",
+        "--config.train.log_every=1",
+    ]
+    run_train([*args, "--config.train.steps=2"], data_dir)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 7.')  # the process died here
+    proc = run_train([*args, "--config.train.steps=4"], data_dir)
+    assert "partial record" in proc.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. a garbage tokenizer.json
 
