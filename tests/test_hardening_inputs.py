@@ -472,6 +472,15 @@ def test_a_vocab_smaller_than_any_trained_tokenizer_is_refused_before_training(k
     checks.check_run(resolve(override(cfg, {"model.vocab_size": least})))
 
 
+def test_a_tokenizer_that_is_neither_a_kind_nor_a_file_is_refused_before_training(tmp_path):
+    cfg, _ = load_config_file(None)
+    with pytest.raises(ConfigError, match=r"data\.tokenizer='bpee'.*did you mean 'bpe'"):
+        checks.check_run(resolve(override(cfg, {"data.tokenizer": "bpee"})))
+    path = tmp_path / "tok.json"
+    train_tokenizer("bpe", iter(["a b"] * 4), 300).save(path)
+    checks.check_run(resolve(override(cfg, {"data.tokenizer": str(path)})))
+
+
 def test_vocab_too_small_for_the_tokenizer_is_exit_2_before_the_workdir(tmp_path, capsys):
     code = cli.main(["train", f"--workdir={tmp_path / 'w'}", "--config.model.vocab_size=100"])
     assert code == 2
