@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+log = logging.getLogger("lmflax")
+
 
 class Writer(Protocol):
     """Where logged values go besides metrics.jsonl. The method names are clu's MetricWriter
@@ -105,8 +107,6 @@ def _plugin(name: str) -> Callable[[Path], Writer]:
     if not callable(factory):
         raise ValueError(f"{module_name}.{attr} is not callable")
     return factory
-
-log = logging.getLogger("lmflax")
 
 
 class MetricWriter:
