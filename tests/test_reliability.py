@@ -144,11 +144,13 @@ def test_missing_dataset_and_oversized_tokenizer_are_clear_errors(data_dir, tmp_
     # exit 2 (nothing was started: the config names no dataset), before the workdir is made
     assert proc.returncode == 2 and "'not_a_dataset' is not a dataset TFDS knows" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "a").exists()
-    # A 100-token model with a byte-level tokenizer (256 byte tokens at least): refused, named.
+    # A 100-token model with a byte-level tokenizer (256 byte tokens at least): refused, named,
+    # before the workdir is made or a tokenizer trained (issue 17).
     proc = run_train(
         [f"--workdir={tmp_path / 'b'}", "--config.model.vocab_size=100"], data_dir, check=False
     )
-    assert proc.returncode == 1 and "ids would fall outside the embedding table" in proc.stderr
+    assert proc.returncode == 2 and "model.vocab_size=100" in proc.stderr, proc.stderr[-2000:]
+    assert "at least 258 tokens" in proc.stderr and not (tmp_path / "b").exists()
 
 
 def test_invalid_utf8_names_the_record(tmp_path):
@@ -261,7 +263,9 @@ def test_skip_policy_leaves_state_bit_identical_and_counts():
 
 
 def test_skip_policy_run_completes_and_reports_skips(data_dir, tmp_path):
-    run_train(
+    # learning_rate=1e30: step 1's update is finite but huge, every later loss is NaN and those
+    # steps are skipped. The run completes and saves, but a final loss of NaN is never exit 0.
+    proc = run_train(
         [
             f"--workdir={tmp_path}",
             *TINY,
@@ -273,7 +277,9 @@ def test_skip_policy_run_completes_and_reports_skips(data_dir, tmp_path):
             "--config.train.nonfinite=skip",
         ],
         data_dir,
+        check=False,
     )
+    assert proc.returncode == 1 and "final logged loss is nan" in proc.stderr, proc.stderr[-2000:]
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert records[-1]["skipped_total"] == sum(r["skipped"] for r in records) > 0
     params = _params(tmp_path / "checkpoints" / "8")

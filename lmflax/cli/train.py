@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
@@ -22,7 +23,7 @@ import tensorflow_datasets as tfds
 from lmflax.cli import common
 from lmflax.config import ConfigError
 from lmflax.parallel import distributed
-from lmflax.train import resolve, run
+from lmflax.train import TrainingError, resolve, run
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +73,15 @@ def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             f"checkpoint; run the same command to continue (workdir {workdir})"
         )
         return 0
+    loss = summary.get("final_loss")
+    if loss is not None and not math.isfinite(loss):
+        # Under train.nonfinite=skip every step can be skipped and the run still finish.
+        raise TrainingError(
+            f"the run reached step {summary['final_step']} but its final logged loss is {loss} "
+            f"({summary.get('skipped_total', 0)} steps skipped as non-finite so far); the "
+            f"checkpoints in {workdir} hold only finite parameters. Lower "
+            "optimizer.learning_rate, or check the data"
+        )
     if "sample" in summary:
         print(f"\nsample after {summary['final_step']} steps:\n{summary['sample']}\n")
     loss = summary.get("final_loss")
@@ -80,6 +90,11 @@ def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         + (f", loss {loss:.4f}" if loss is not None else "")
         + (f", eval loss {summary['eval']['loss']:.4f}" if "eval" in summary else "")
         + "".join(f", {k} {v:.2f}" for k, v in summary.get("generation", {}).items())
+        + (
+            f", {summary['skipped_total']} steps skipped (non-finite)"
+            if summary.get("skipped_total")
+            else ""
+        )
         + f"; workdir {workdir}"
     )
     return 0

@@ -7,10 +7,11 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
-from lmflax.config.errors import ConfigError, suggest
+from lmflax.config.errors import ConfigError, suggest, type_problems
 from lmflax.config.parse import from_dict, unknown_key
 from lmflax.config.schema import (
     MODEL_FAMILIES,
@@ -69,8 +70,14 @@ def load_config_file(spec: str | None) -> tuple[Config, str]:
         module_spec.loader.exec_module(module)
     except ConfigError:
         raise
+    except SyntaxError as e:
+        where = f"{e.filename or path}:{e.lineno}" + (f":{e.offset}" if e.offset else "")
+        line = f": {e.text.strip()}" if e.text and e.text.strip() else ""
+        raise ConfigError(f"config file {where}: {type(e).__name__}: {e.msg}{line}") from None
     except TypeError as e:
         raise _type_error(path, e) from None
+    except Exception as e:  # the file's own code failed (NameError, ImportError, ...)
+        raise _code_error(path, e) from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
     try:
@@ -79,11 +86,27 @@ def load_config_file(spec: str | None) -> tuple[Config, str]:
         raise
     except TypeError as e:
         raise _type_error(path, e) from None
+    except Exception as e:
+        raise _code_error(path, e) from None
     if isinstance(cfg, Mapping):
         cfg = from_dict(cfg)
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected Config")
+    wrong = type_problems("", cfg)
+    if wrong:
+        raise ConfigError(f"config file {path}: " + "; ".join(wrong))
     return cfg, path.stem
+
+
+def _code_error(path: Path, e: BaseException) -> ConfigError:
+    """An exception raised by a config file's code, naming the file's line it came through."""
+    frames = [
+        f
+        for f in traceback.extract_tb(e.__traceback__)
+        if Path(f.filename).resolve() == path.resolve()
+    ]
+    where = f"{path}:{frames[-1].lineno}" if frames else str(path)
+    return ConfigError(f"config file {where}: {type(e).__name__}: {e}")
 
 
 def _type_error(path: Path, e: TypeError) -> ConfigError:
@@ -103,4 +126,4 @@ def _type_error(path: Path, e: TypeError) -> ConfigError:
         ]:
             if cls.__name__ == cls_name:
                 return ConfigError(f"{path}: {unknown_key(key, key, cls)}")
-    return ConfigError(f"{path}: {e}")
+    return _code_error(path, e)

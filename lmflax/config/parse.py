@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -60,15 +61,17 @@ def _parse_scalar(path: str, text: str, tp: Any) -> Any:
             return False
         raise ConfigError(f"{path} takes a bool (true/false), got {text!r}")
     if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"{path} takes an integer, got {text!r}") from None
+        # Python's int() also reads other scripts' digits ('３', '٣') and underscores ('1_0'):
+        # a typo or a pasted character would silently become a different number.
+        if not _INT.fullmatch(text.strip()):
+            raise ConfigError(f"{path} takes an integer (ASCII digits 0-9), got {text!r}")
+        return int(text)
     if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"{path} takes a number, got {text!r}") from None
+        if not _FLOAT.fullmatch(text.strip()):
+            raise ConfigError(
+                f"{path} takes a number (ASCII digits, e.g. 3e-4 or 0.1), got {text!r}"
+            )
+        return float(text)
     if tp is str:
         return text
     if origin is tuple or tp is tuple:
@@ -78,6 +81,14 @@ def _parse_scalar(path: str, text: str, tp: Any) -> Any:
             raise ConfigError(f"{path} takes a Python tuple literal, got {text!r}") from None
         return _freeze(value)
     raise ConfigError(f"{path}: cannot override a field of type {tp} from the command line")
+
+
+_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+# Decimal and exponent notation; nan/inf parse so that validation names them as non-finite.
+_FLOAT = re.compile(
+    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf|infinity)",
+    re.ASCII | re.IGNORECASE,
+)
 
 
 def _freeze(value: Any) -> Any:

@@ -15,7 +15,14 @@ import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from lmflax.config.errors import ConfigError, finite_floats, one_of, suggest
+from lmflax.config.errors import (
+    ConfigError,
+    finite_floats,
+    finite_tree,
+    one_of,
+    suggest,
+    type_problems,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,8 +100,9 @@ class TaskConfig:
             errs.append(
                 f"task.mlm_max_predictions is for task 'mlm', but task.name is {self.name!r}"
             )
-        if self.target_len <= 0:
-            errs.append(f"task.target_len must be > 0, got {self.target_len}")
+        for name in ("target_len", "num_labels", "max_query_len", "doc_stride", "max_answer_len"):
+            if getattr(self, name) <= 0:
+                errs.append(f"task.{name} must be > 0, got {getattr(self, name)}")
         return errs
 
 
@@ -197,6 +205,18 @@ class DataConfig:
             errs.append(f"data.batch_size must be > 0, got {self.batch_size}")
         if self.seq_len <= 0:
             errs.append(f"data.seq_len must be > 0, got {self.seq_len}")
+        if self.tokenizer_train_docs < 0:
+            errs.append(
+                f"data.tokenizer_train_docs must be >= 0 (word2vec: 0 = all), got "
+                f"{self.tokenizer_train_docs}"
+            )
+        if self.shuffle_buffer < 0:
+            errs.append(
+                f"data.shuffle_buffer must be >= 0 (0 or 1 = off), got {self.shuffle_buffer}"
+            )
+        for name in ("dataset", "train_split", "text_key"):
+            if not getattr(self, name):
+                errs.append(f"data.{name} must not be empty")
         if self.num_shards < 0:
             errs.append(
                 f"data.num_shards must be >= 0 (0 = one per process), got {self.num_shards}"
@@ -293,10 +313,10 @@ class TrainConfig:
     checkpoint_every=0 saves only at the end; eval_every=0 evaluates only at the end.
     Retention: the newest keep_checkpoints checkpoints survive, plus every step that is a multiple
     of keep_every (0 = none). verify_checkpoints checks each checkpoint's recorded SHA-256 sums
-    before restoring it. nonfinite: what a NaN/Inf loss or gradient does — 'stop' (exit non-zero,
-    naming the step) or 'skip' (the update is dropped, parameters and optimizer state stay
-    bit-for-bit unchanged, and the skips are counted in the metrics); either way no update from a
-    non-finite step is ever applied or saved.
+    before restoring it. nonfinite: what a NaN/Inf loss, gradient or updated parameter does —
+    'stop' (exit non-zero, naming the step) or 'skip' (the update is dropped, parameters and
+    optimizer state stay bit-for-bit unchanged, and the skips are counted in the metrics);
+    either way no update from a non-finite step is ever applied or saved.
     sample_tokens tokens are generated from sample_prompt at the end (0 = no sample).
     writers: where logged values go, comma-separated: 'jsonl' (workdir/metrics.jsonl, which
     `lmflax viz curves` and analysis read), 'tensorboard' (workdir/tensorboard), and
@@ -479,7 +499,16 @@ class Config:
         Device-count checks are `lmflax.parallel.validate_devices`; checks needing other layers
         are `lmflax.train.resolve`.
         """
-        errs = list(self.model.validate())
+        # Values of the wrong type first: the range checks below would fail on them with a
+        # TypeError ('<=' not supported between 'str' and 'int') instead of naming the key.
+        errs = type_problems("", self)
+        if errs:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+        # NaN passes every range check (`nan <= 0` is False); the sections check their own
+        # floats, these two are checked here.
+        errs = finite_tree("model", self.model) + finite_tree("data", self.data)
+        if not errs:
+            errs += self.model.validate()
         for section in (self.data, self.train, self.optimizer, self.mesh, self.task, self.generate):
             errs += section.validate()
         d, o, k = self.data, self.optimizer, self.task

@@ -16,6 +16,16 @@ def _add(a: Any, b: Any) -> Any:
     return jax.tree.map(jnp.add, a, b)
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """A scalar bool: every floating-point value in `tree` is finite (True for no such leaf)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def _grads_and_metrics(
     state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
 ) -> tuple[Any, dict[str, Metric]]:
@@ -50,20 +60,26 @@ def train_step(
 
     The gradient is that of the weighted mean loss over the whole global batch, however it is
     split into micro-batches: summed losses are differentiated and divided by the total weight.
-    If the loss or the gradient is not finite the update is dropped: parameters and optimizer
-    state come back bit-for-bit unchanged (only the step counter advances) and 'skipped' is 1.
+    If the loss, the gradient or the updated parameters are not finite, the update is dropped:
+    parameters and optimizer state come back bit-for-bit unchanged (only the step counter
+    advances) and 'skipped' is 1. Finite gradients can still make non-finite parameters (a
+    learning rate of 1e39 overflows float32), so the updated parameters are checked. The
+    optimizer state needs no check of its own: AdamW's moments are averages of the gradients
+    and their squares, and a square that overflows makes grad_norm (a sum of squares) inf.
     """
     grads, metrics = _grads_and_metrics(state, batch, rng)
     weight = jnp.maximum(metrics["loss"][1], 1.0)
     grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm)
 
     updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm) & all_finite(new_params)
     # A select, not lax.cond: XLA fuses it into the optimizer's elementwise update, which then
     # writes the donated buffers in place. A cond's results are copied into the outputs instead
     # (compiled for an H200: ~600 extra copy kernels per GPT-2 step, one per state array).
+    # Checking the updated parameters adds a reduction per parameter array before the select
+    # (H200, tests/test_gpu_aot.py's model: 209 -> 271 kernels, still no state array copied).
     keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     params = jax.tree.map(keep_if_bad, new_params, state.params)
     opt_state = jax.tree.map(keep_if_bad, new_opt_state, state.opt_state)

@@ -131,10 +131,18 @@ def documents(
     process_index: int = 0,
     process_count: int = 1,
     shuffle: bool = True,
+    featurize: Callable[[int, Any], Any] | None = None,
 ) -> grain.MapDataset:
-    """Records of `split`, shuffled anew each epoch, repeated forever, this process's share."""
+    """Records of `split`, shuffled anew each epoch, repeated forever, this process's share.
+
+    featurize(index, record), when given, maps each record before the shuffle, so `index` is
+    the record's index in the split (what an error about a bad record must name), not its
+    position in the shuffled, repeated stream. Mapping is lazy: the order is the same.
+    """
     source = sources.data_source(data.dataset, split, data.data_dir, download=data.download)
     ds = grain.MapDataset.source(source)
+    if featurize is not None:
+        ds = ds.map_with_index(featurize)
     if shuffle:
         ds = ds.shuffle(seed=derive_seed(seed, "documents", split))
     ds = ds.repeat(None)
@@ -184,9 +192,15 @@ def causal_lm_dataset(
     if tokenizer.eos_id is None:
         raise DataError("causal LM data needs a tokenizer with an end-of-text token")
     data, L = cfg.data, cfg.data.seq_len
-    ds = documents(data, split, seed=seed, process_index=process_index, process_count=process_count)
-    ds = ds.map_with_index(
-        _tokenize(data, lambda ids: objectives.causal_document(ids, tokenizer.eos_id), tokenizer)
+    ds = documents(
+        data,
+        split,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        featurize=_tokenize(
+            data, lambda ids: objectives.causal_document(ids, tokenizer.eos_id), tokenizer
+        ),
     )
     it = ds.to_iter_dataset(read_options(data))
     it = gx.ConcatThenSplitIterDataset(it, length_struct={"inputs": L, "targets": L})
@@ -226,14 +240,18 @@ def mlm_dataset(
             f"MLM data needs a tokenizer with [CLS], [SEP] and [MASK]; missing {missing}"
         )
     data, task, L = cfg.data, cfg.task, cfg.data.seq_len
-    ds = documents(data, split, seed=seed, process_index=process_index, process_count=process_count)
     sep = np.array([tokenizer.sep_id], dtype=np.int32)
-    ds = ds.map_with_index(
-        _tokenize(
+    ds = documents(
+        data,
+        split,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        featurize=_tokenize(
             data,
             lambda ids: {"tokens": np.concatenate([np.asarray(ids, np.int32), sep])},
             tokenizer,
-        )
+        ),
     )
     it = ds.to_iter_dataset(read_options(data))
     it = gx.ConcatThenSplitIterDataset(it, length_struct={"tokens": L - 1})

@@ -171,13 +171,20 @@ def seq2seq_dataset(
     """Batches of padded pairs, each a dict of [batch_size, L] arrays (L = data.seq_len for the
     encoder fields, task.target_len for the decoder ones); shuffled, repeating, resumable."""
     data, task = cfg.data, cfg.task
-    ds = documents(data, split, seed=seed, process_index=process_index, process_count=process_count)
 
     def encode(index: int, record: dict[str, Any]) -> dict[str, np.ndarray]:
         src, tgt = pair_of(record, task.source_key, task.target_key, index)
         return encode_pair(tokenizer, src, tgt, data.seq_len, task.target_len)
 
-    it = ds.map_with_index(encode).to_iter_dataset(read_options(data))
+    ds = documents(
+        data,
+        split,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        featurize=encode,
+    )
+    it = ds.to_iter_dataset(read_options(data))
     return it.batch(batch_size, drop_remainder=True)
 
 

@@ -409,9 +409,13 @@ def train_batches(
     order is then mixed by a window shuffle. Batches hold `keys` only, [batch_size, ...] each.
     """
     ds = pipeline.documents(
-        cfg.data, split, seed=seed, process_index=process_index, process_count=process_count
+        cfg.data,
+        split,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        featurize=featurize,
     )
-    ds = ds.map_with_index(featurize)
     it = ds.to_iter_dataset(read_options(cfg))
     if fan_out:
         it = gx.FlatMapIterDataset(it, _Windows())

@@ -11,6 +11,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from lmflax.data.sources import DataError
+
 BPE_SPECIALS = ("<|endoftext|>", "<|pad|>")
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 KINDS = ("bpe", "wordpiece")
@@ -81,11 +83,30 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
-        """Loads a tokenizer.json."""
+        """Loads a tokenizer.json. A file `tokenizers` cannot read (not JSON, not a tokenizer,
+        truncated, a directory) is a DataError naming it."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        return cls.from_backend(tokenizers.Tokenizer.from_file(str(path)))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises a bare Exception with serde's message
+            raise DataError(
+                f"tokenizer file {path} is not a readable tokenizer.json ({e}); it must be a "
+                "file saved by Hugging Face `tokenizers` (Tokenizer.save)"
+            ) from None
+        return cls.from_backend(backend)
+
+
+def min_vocab_size(kind: str) -> int:
+    """The fewest tokens a trained tokenizer of `kind` has, whatever its data and vocab_size:
+    byte-level BPE keeps all 256 bytes and its special tokens; WordPiece its special tokens and
+    at least one character."""
+    if kind == "bpe":
+        return len(pre_tokenizers.ByteLevel.alphabet()) + len(BPE_SPECIALS)
+    if kind == "wordpiece":
+        return len(WORDPIECE_SPECIALS) + 1
+    raise ValueError(f"unknown tokenizer kind {kind!r}; accepted: {KINDS}")
 
 
 def train_tokenizer(kind: str, texts: Iterator[str], vocab_size: int) -> Tokenizer:

@@ -250,20 +250,24 @@ def word2vec_dataset(
     cbow = m.architecture == "cbow"
     keep_prob = vocab.keep_probabilities(m.sample) if m.sample > 0 else None
     cdf = vocab.noise_cdf(m.ns_exponent)
-    docs = pipeline.documents(
-        data, split, seed=seed, process_index=process_index, process_count=process_count
-    )
 
     def encode(index: int, record: dict[str, Any]) -> tuple[np.ndarray, int]:
         return vocab.encode(pipeline.text_of(record, data.text_key, index))
+
+    docs = pipeline.documents(
+        data,
+        split,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        featurize=encode,
+    )
 
     def examples(doc: tuple[np.ndarray, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         ids, words = doc
         return make_examples(ids, words, rng, keep_prob=keep_prob, window=m.window, cbow=cbow)
 
-    docs = docs.map_with_index(encode).random_map(
-        examples, seed=pipeline.derive_seed(seed, "word2vec", "windows", split)
-    )
+    docs = docs.random_map(examples, seed=pipeline.derive_seed(seed, "word2vec", "windows", split))
     it = docs.to_iter_dataset(pipeline.read_options(data))
     # Rebatching cannot take an empty piece; a document with no pair contributes nothing anyway.
     it = it.filter(lambda ex: len(ex["targets"]) > 0)

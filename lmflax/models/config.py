@@ -99,9 +99,13 @@ class ModelConfig(StackConfig, ModelSection):
         """Returns the problems of this model config as messages (empty = valid)."""
         errs = StackConfig.validate(self, "model.")
         errs += self.lora.validate()
-        for name in ("vocab_size", "max_len"):
-            if getattr(self, name) <= 0:
-                errs.append(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if self.vocab_size < 2:
+            errs.append(
+                f"model.vocab_size must be >= 2 (a model predicts one of its tokens), got "
+                f"{self.vocab_size}"
+            )
+        if self.max_len <= 0:
+            errs.append(f"model.max_len must be > 0, got {self.max_len}")
         one_of(errs, "model.position", self.position, POSITIONS)
         if self.position == "rope" and self.rope_base is None:
             errs.append("model.position='rope' needs model.rope_base > 0 (e.g. 10000.0)")

@@ -66,6 +66,8 @@ class Word2VecConfig(ModelConfig):
         for name in ("vocab_size", "d_model", "window", "negatives", "min_count"):
             if getattr(self, name) <= 0:
                 errs.append(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if self.vocab_size == 1:
+            errs.append("model.vocab_size must be >= 2 (a target and a noise word), got 1")
         if self.architecture not in ARCHITECTURES:
             errs.append(
                 f"model.architecture is {self.architecture!r}; accepted: "

@@ -10,8 +10,10 @@ in this process is not checked again.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
-from lmflax.config import Config, ConfigError, one_of
+from lmflax.config import Config, ConfigError, one_of, suggest
+from lmflax.data.tokenizers import KINDS, min_vocab_size
 from lmflax.evaluate.generation import METRICS
 from lmflax.hf import check_init_from
 from lmflax.tasks import TASKS
@@ -46,3 +48,37 @@ def _resolve(cfg: Config) -> Config:
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     return cfg
+
+
+def check_run(cfg: Config) -> None:
+    """What only a training run needs, checked before it starts (before the workdir is
+    created or a tokenizer trained): data.tokenizer names a kind, 'hf:DIR' or a file that
+    exists, and a tokenizer trained for the run fits model.vocab_size. (`resolve` does not
+    check these: a model can be built, planned or stepped on token ids without a tokenizer.)
+    Raises ConfigError."""
+    errs = _tokenizer_problems(cfg)
+    if errs:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+
+
+def _tokenizer_problems(cfg: Config) -> list[str]:
+    if cfg.model.family == "word2vec" or cfg.task.name not in TASKS:
+        return []  # word2vec counts its own vocabulary
+    kind = cfg.data.tokenizer or TASKS[cfg.task.name].default_tokenizer
+    if kind not in KINDS and not kind.startswith("hf:") and not Path(kind).is_file():
+        return [
+            f"data.tokenizer={kind!r} is neither a tokenizer kind nor a file"
+            f"{suggest(kind, KINDS)}; accepted: {', '.join(repr(k) for k in KINDS)}, a "
+            "tokenizer.json path, or 'hf:DIR'"
+        ]
+    vocab_size = getattr(cfg.model, "vocab_size", None)
+    if kind not in KINDS or not isinstance(vocab_size, int):
+        return []
+    least = min_vocab_size(kind)
+    if vocab_size < least:
+        return [
+            f"model.vocab_size={vocab_size} is smaller than any {kind!r} tokenizer "
+            f"(data.tokenizer) can be: it has at least {least} tokens; set model.vocab_size "
+            f">= {least}"
+        ]
+    return []

@@ -34,7 +34,7 @@ from lmflax.hf import adapters
 from lmflax.parallel import validate_devices
 from lmflax.train import plan
 from lmflax.train.checkpoint import TMP_SUFFIX, Checkpointer
-from lmflax.train.checks import resolve
+from lmflax.train.checks import check_run, resolve
 from lmflax.train.evaluation import evaluate
 from lmflax.train.metrics import MetricWriter, Progress
 from lmflax.train.trainer import Trainer
@@ -219,7 +219,7 @@ class _Loop:
         bad = [s for s, f in zip(steps, flags) if f > 0]
         if bad and self.cfg.train.nonfinite == "stop":
             raise TrainingError(
-                f"non-finite loss or gradient at step {bad[0]}"
+                f"non-finite loss, gradient or updated parameters at step {bad[0]}"
                 + (f" (and {len(bad) - 1} more steps up to {bad[-1]})" if len(bad) > 1 else "")
                 + "; its update was not applied and nothing from it was saved. Last checkpoint: "
                 + (f"step {self.last_saved}" if self.last_saved is not None else "none")
@@ -330,6 +330,7 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     """
     workdir = Path(workdir)
     cfg = resolve(cfg)
+    check_run(cfg)
     validate_devices(cfg, jax.device_count())
     trainer = Trainer.create(cfg, init=False)
     # A missing or unprepared dataset (or split) stops here, before the workdir is touched (not
@@ -460,6 +461,7 @@ def _train(
                 loop.writer.write(done, values)
                 progress.update(done, values["loss"], values["tokens_per_sec"])
                 summary["final_loss"] = values["loss"]
+                summary["skipped_total"] = loop.skipped_total
             if (
                 t.eval_every
                 and done % t.eval_every == 0

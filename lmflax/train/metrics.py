@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+log = logging.getLogger("lmflax")
 
 
 class Writer(Protocol):
@@ -168,9 +171,11 @@ class MetricWriter:
         if not self.enabled:
             return
         for path in self.workdir.glob("*metrics.jsonl"):
-            records = read_metrics(path)
+            records, complete = _read_records(path)
             kept = [r for r in records if r.get("step", 0) <= step]
-            if len(kept) != len(records):
+            # A partial last line is rewritten away too, or the next record would be appended
+            # to it.
+            if len(kept) != len(records) or not complete:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
                 tmp.replace(path)
@@ -187,10 +192,50 @@ def _clean(v: Any) -> Any:
     return v
 
 
+class MetricsFileError(ValueError):
+    """A metrics file damaged before its last line (which a crash while appending cannot do)."""
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (for tests and analysis)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl file (for tests and analysis).
+
+    A last line that is not a whole JSON record (a run killed while appending it) is dropped
+    with a warning; an unreadable line before it raises MetricsFileError naming the line.
+    """
+    return _read_records(path)[0]
+
+
+def _read_records(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
+    """(records, whether the file is exactly those records, each on a whole line)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    # After the last newline comes '' (a whole file) or the piece of a line being written.
+    complete = lines[-1] == b""
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(numbered):
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if i == len(numbered) - 1:
+                log.warning(
+                    "%s: dropping its last line %d, a partial record (%s); the run that wrote "
+                    "it probably stopped while writing it",
+                    path,
+                    n,
+                    e,
+                )
+                return records, False
+            raise MetricsFileError(
+                f"{path} line {n} is not a JSON record ({e}); lines after it are whole, so "
+                "this is damage, not an interrupted write. Repair or remove that line (or move "
+                "the file aside) to continue"
+            ) from None
+        records.append(record)
+    return records, complete
 
 
 def _fmt_time(seconds: float) -> str:
