@@ -189,3 +189,14 @@ def test_cli_exits_2_on_bad_config(args, expected):
     )
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
+
+
+def test_loading_a_shipped_config_leaves_sys_path_alone():
+    """Shipped configs live in lmflax/configs; their folder's parent (lmflax/) on sys.path would
+    shadow top-level modules (`import train` would find lmflax/train)."""
+    import sys
+
+    before = list(sys.path)
+    for name in ("gpt_tiny", "bert_base", "configs/sst2.py"):
+        cfglib.load_config_file(name)
+    assert sys.path == before

@@ -205,7 +205,7 @@ def _small_cfg(**updates):
 
 
 CLI_ARGS = [
-    "--config.model.vocab_size=128",
+    "--config.model.vocab_size=320",
     "--config.model.num_layers=1",
     "--config.model.d_model=64",
     "--config.model.num_heads=2",
@@ -229,7 +229,7 @@ def _main(args):
 def test_plan_cli_and_memory_budget(tmp_path):
     code, out, err = _main(["--plan", "--peak_tflops=100", *CLI_ARGS])
     assert code == 0, err
-    total = _gpt_params(128, 64, 1, 128, 32)
+    total = _gpt_params(320, 64, 1, 128, 32)
     assert f"parameters: {total:,}" in out
     assert "MFU ≤" in out and "activations & workspace" in out
     # A budget the step cannot fit: refused with the numbers, by the planner and by training,

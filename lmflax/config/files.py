@@ -57,10 +57,13 @@ def load_config_file(spec: str | None) -> tuple[Config, str]:
             f"config file {path_text!r} does not exist{suggest(path.stem, shipped)} "
             f"(shipped configs: {', '.join(shipped)})"
         )
-    # Config files may import their siblings (`from configs import gpt_tiny`).
-    root = str(path.resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    # A config file of one's own may import its siblings (`from configs import mine` for
+    # configs/mine.py). The shipped ones import each other as lmflax.configs.NAME: putting the
+    # package's folder on sys.path would make lmflax.train importable as a top-level `train`.
+    if not path.resolve().is_relative_to(SHIPPED_CONFIGS):
+        root = str(path.resolve().parent.parent)
+        if root not in sys.path:
+            sys.path.insert(0, root)
     module_name = "_lmflax_config_" + re.sub(r"\W", "_", path.stem)
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:

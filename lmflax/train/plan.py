@@ -150,6 +150,7 @@ class Plan:
     xla_bytes_accessed: float | None
     remat: str
     chip: Chip | None = None
+    frozen_bytes: int = 0  # LoRA's frozen base (not trained: no optimizer state)
 
     @property
     def model_flops_per_step(self) -> float:
@@ -157,7 +158,8 @@ class Plan:
 
     @property
     def resident_bytes(self) -> int:
-        """Inputs, outputs not written over donated inputs, and the program."""
+        """Inputs (the frozen base included), outputs not written over donated inputs, and the
+        program."""
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
 
     @property
@@ -179,7 +181,8 @@ class Plan:
         """(seconds, MFU): the step time the device's peak FLOP/s (and memory bandwidth) allow
         for the compiled step's FLOPs and bytes (or the model's FLOPs where XLA gives none), and
         the model-FLOPs utilisation that time means. Communication is not modelled."""
-        flops = self.xla_flops or self.model_flops_per_step / self.devices
+        # XLA's count covers one iteration of a loop (scanned layers): never below the model's.
+        flops = max(self.xla_flops or 0.0, self.model_flops_per_step / self.devices)
         seconds = flops / peak_flops
         if hbm_bandwidth and self.xla_bytes_accessed:
             seconds = max(seconds, self.xla_bytes_accessed / hbm_bandwidth)
@@ -195,7 +198,13 @@ class Plan:
             f"attention {self.attention_flops_per_token:.4g}; "
             f"{self.model_flops_per_step:.4g} per step of {self.tokens_per_step:,} tokens",
             "per-device memory of the compiled train step:",
-            f"  parameters               {_fmt_bytes(self.param_bytes)}",
+            f"  parameters               {_fmt_bytes(self.param_bytes)}"
+            + ("  (trained: the LoRA adapters)" if self.frozen_bytes else ""),
+            *(
+                [f"  frozen base              {_fmt_bytes(self.frozen_bytes)}"]
+                if self.frozen_bytes
+                else []
+            ),
             f"  optimizer state          {_fmt_bytes(self.opt_state_bytes)}",
             f"  batch                    {_fmt_bytes(self.batch_bytes)}",
             f"  activations & workspace  {_fmt_bytes(self.activation_bytes)}"
@@ -204,10 +213,16 @@ class Plan:
             f"  total                    {_fmt_bytes(self.peak_bytes)}",
         ]
         if self.xla_flops:
+            ratio = self.xla_flops * self.devices / self.model_flops_per_step
+            why = (
+                "rematerialisation, masking, optimizer"
+                if ratio >= 1
+                else "XLA counts a loop body once, so scanned layers are undercounted; the "
+                "step time below uses the model's FLOPs"
+            )
             lines.append(
                 f"XLA counts {self.xla_flops:.4g} FLOPs per device per step "
-                f"({self.xla_flops * self.devices / self.model_flops_per_step:.2f}× the model's "
-                "FLOPs: rematerialisation, masking, optimizer)"
+                f"({ratio:.2f}× the model's FLOPs: {why})"
             )
         if peak_flops:
             seconds, mfu = self.step_time(peak_flops, hbm_bandwidth)
@@ -363,6 +378,7 @@ def make_plan(trainer: Any) -> Plan:
         **costs,
         tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
         param_bytes=_shard_bytes(abstract["params"]),
+        frozen_bytes=_frozen_bytes(trainer),
         opt_state_bytes=_shard_bytes(abstract["opt_state"]),
         batch_bytes=_shard_bytes(batch),
         argument_bytes=int(mem.argument_size_in_bytes),
@@ -377,6 +393,19 @@ def make_plan(trainer: Any) -> Plan:
         remat=cfg.model.remat,
         chip=CHIPS.get(device.device_kind),
     )
+
+
+def _frozen_bytes(trainer: Any) -> int:
+    """Per-device bytes of LoRA's frozen base (0 without LoRA), held whether or not the
+    checkpoint stores it."""
+    frozen = trainer.abstract_state.get("frozen")
+    if frozen is None:
+        return 0
+    shardings = trainer.all_shardings()["frozen"]
+    sized = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen, shardings
+    )
+    return _shard_bytes(sized)
 
 
 def _positive(cost: dict[str, float] | None, key: str) -> float | None:
