@@ -1,6 +1,6 @@
 """Hugging Face interop: load and export checkpoints and tokenizers of local model directories.
 
-    model, params = lmflax.hf.from_pretrained(DIR)        # BERT family or GPT-2, no torch needed
+    model, params = lmflax.hf.from_pretrained(DIR)        # BERT/RoBERTa/DistilBERT/GPT-2, no torch
     tokenizer = lmflax.hf.load_tokenizer(DIR)             # tokenizer.json or vocab.txt (+ config)
     batch = tokenizer(["a sentence", "another one"])      # input_ids / token_type_ids / attention_mask
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
@@ -8,13 +8,18 @@
     lmflax.hf.save_pretrained(model_config, params, OUT, tokenizer=tokenizer)   # transformers loads it
 
 Supported architectures: BertModel, BertForMaskedLM, BertForPreTraining (its MLM head),
-BertForSequenceClassification, GPT2Model and GPT2LMHeadModel. `model.init_from='hf:DIR'` in a
+BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering;
+RobertaModel / XLMRobertaModel and their ForMaskedLM, ForSequenceClassification,
+ForTokenClassification, ForQuestionAnswering heads (lmflax RobertaConfig); DistilBertModel,
+DistilBertForMaskedLM, DistilBertForTokenClassification, DistilBertForQuestionAnswering (a
+BertConfig with type_vocab_size=0); GPT2Model and GPT2LMHeadModel (`ARCHITECTURES`). `model.init_from='hf:DIR'` in a
 training config starts from a checkpoint (see `init_params`).
 """
 
 from lmflax.config import register_model_names
 from lmflax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from lmflax.data.hub import CheckpointError
+from lmflax.hf import distilbert, roberta  # noqa: F401  (register their families)
 from lmflax.hf.convert import ARCHITECTURES
 from lmflax.hf.pretrained import (
     HF_SCHEME,

@@ -25,7 +25,9 @@ from lmflax.models import (
     GPT,
     BertConfig,
     BertForMaskedLM,
+    BertForQuestionAnswering,
     BertForSequenceClassification,
+    BertForTokenClassification,
     BertModel,
     GPTConfig,
 )
@@ -51,9 +53,11 @@ class Architecture:
     """A supported HF architecture: its family (config mapping) and head."""
 
     name: str
-    family: str  # "bert" or "gpt2" (the HF model_type)
-    head: str  # "none", "mlm", "classifier", "lm"
+    family: str  # the HF model_type: "bert", "gpt2", or a registered family's
+    head: str  # "none", "mlm", "classifier", "tagger", "qa", "lm"
     base_prefix: str  # the base model's name prefix when a head wraps it
+    # The lmflax parameter whose last dimension is the number of labels (heads with labels).
+    labels: tuple[str, ...] | None = None
 
 
 ARCHITECTURES = {
@@ -64,17 +68,72 @@ ARCHITECTURES = {
         # BERT's pretraining checkpoints (bert-base-uncased): MLM head + next-sentence head; the
         # NSP head is not used by lmflax and is reported as unused.
         Architecture("BertForPreTraining", "bert", "mlm", "bert."),
-        Architecture("BertForSequenceClassification", "bert", "classifier", "bert."),
+        Architecture(
+            "BertForSequenceClassification", "bert", "classifier", "bert.", ("classifier", "kernel")
+        ),
+        Architecture(
+            "BertForTokenClassification", "bert", "tagger", "bert.", ("classifier", "kernel")
+        ),
+        Architecture("BertForQuestionAnswering", "bert", "qa", "bert."),
         Architecture("GPT2Model", "gpt2", "none", "transformer."),
         Architecture("GPT2LMHeadModel", "gpt2", "lm", "transformer."),
     )
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A HF model family added from its own module (lmflax/hf/roberta.py, ...) by
+    `register_family`; the functions below dispatch to it for its architectures.
+
+    model_type: config.json's `model_type`. lmflax_family: the lmflax config family it loads as.
+    anchor: the first backbone tensor name after the base prefix ('embeddings.'). keys: lmflax
+    field -> HF config key (for mismatch messages). to_lmflax(arch, hf, names, source) ->
+    ModelConfig (CheckpointError for what lmflax cannot express). to_hf(arch, cfg, num_labels)
+    -> config.json dict. layout(arch, cfg, prefix, num_labels) -> Layout. build(arch, cfg,
+    num_labels) -> module. infer(tensor names) -> architecture name (config.json without
+    'architectures'). export_as(cfg, flat params) -> the architecture to export an lmflax model
+    as, or None when the model is not of this family.
+    """
+
+    model_type: str
+    lmflax_family: str
+    anchor: str
+    keys: Mapping[str, str]
+    to_lmflax: Callable[..., ModelConfig]
+    to_hf: Callable[..., dict[str, Any]]
+    layout: Callable[..., Layout]
+    build: Callable[..., nn.Module]
+    infer: Callable[[set[str]], str]
+    export_as: Callable[[ModelConfig, Mapping[Path_, Any]], str | None]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family, architectures: Iterable[Architecture]) -> None:
+    """Adds a HF family and its architectures to the registry (each once)."""
+    for arch in architectures:
+        if arch.family != family.model_type:
+            raise ValueError(f"{arch.name} has family {arch.family!r}, not {family.model_type!r}")
+        if arch.name in ARCHITECTURES:
+            raise ValueError(f"architecture {arch.name} is registered twice")
+        ARCHITECTURES[arch.name] = arch
+    FAMILIES[family.model_type] = family
+
+
+def lmflax_family(arch: Architecture) -> str:
+    """The lmflax model family an architecture loads as ('bert', 'gpt', 'roberta', ...)."""
+    if arch.family in FAMILIES:
+        return FAMILIES[arch.family].lmflax_family
+    return {"bert": "bert", "gpt2": "gpt"}[arch.family]
+
+
 def unsupported(what: str, source: str) -> CheckpointError:
+    types = ", ".join(repr(t) for t in ("bert", "gpt2", *FAMILIES))
     return CheckpointError(
         f"{source}: architecture {what} is not supported; supported: "
-        f"{', '.join(ARCHITECTURES)} (model_type 'bert' or 'gpt2')"
+        f"{', '.join(ARCHITECTURES)} (model_type {types})"
     )
 
 
@@ -99,12 +158,23 @@ def resolve_architecture(
             if model_type == "bert":
                 if any(n.startswith("cls.predictions.") for n in names):
                     arch = ARCHITECTURES["BertForMaskedLM"]
+                elif any(n.startswith("qa_outputs.") for n in names):
+                    arch = ARCHITECTURES["BertForQuestionAnswering"]
                 elif any(n.startswith("classifier.") for n in names):
-                    arch = ARCHITECTURES["BertForSequenceClassification"]
+                    # A sequence classifier reads the pooler; a token classifier has none.
+                    pooled = any(n.startswith("bert.pooler.") for n in names)
+                    arch = ARCHITECTURES[
+                        "BertForSequenceClassification" if pooled else "BertForTokenClassification"
+                    ]
                 else:
                     arch = ARCHITECTURES["BertModel"]
             elif model_type == "gpt2":
                 arch = ARCHITECTURES["GPT2LMHeadModel"]
+            elif model_type in FAMILIES:
+                name = FAMILIES[model_type].infer(names)
+                if name not in ARCHITECTURES:
+                    raise unsupported(f"{name} (inferred from the tensor names)", source)
+                arch = ARCHITECTURES[name]
             else:
                 raise unsupported(f"of model_type {model_type!r} (no 'architectures' key)", source)
     if hf.get("model_type", arch.family) != arch.family:
@@ -170,6 +240,7 @@ ARCH_FIELDS = (
     "d_ff",
     "max_len",
     "type_vocab_size",
+    "pad_token_id",
     "norm_eps",
     "activation",
     "tie_embeddings",
@@ -213,6 +284,8 @@ def lmflax_config(
     """The lmflax model config equivalent to a HF config.json (CheckpointError if some setting
     has no lmflax equivalent). `names` are the checkpoint's tensor names (BERT's pooler is kept
     only where the checkpoint has one)."""
+    if arch.family in FAMILIES:
+        return FAMILIES[arch.family].to_lmflax(arch, hf, names, source)
     if arch.family == "bert":
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(
@@ -265,7 +338,10 @@ def lmflax_config(
 
 def describe_hf_value(family: str, field: str, hf: Mapping[str, Any], derived: Any) -> str:
     """How a HF config expresses lmflax `field` (for mismatch messages)."""
-    keys = BERT_KEYS if family == "bert" else GPT2_KEYS
+    if family in FAMILIES:
+        keys = dict(FAMILIES[family].keys)
+    else:
+        keys = BERT_KEYS if family == "bert" else GPT2_KEYS
     width, heads = keys["d_model"], keys["num_heads"]
     if field == "resolved_kv_heads":
         return f"{derived} key/value heads ({heads}={hf.get(heads)!r}; {family} has no GQA/MQA)"
@@ -284,8 +360,21 @@ def hf_config(
 ) -> dict[str, Any]:
     """The config.json for exporting `cfg` as `arch`; CheckpointError names any lmflax setting
     the HF implementation cannot express."""
+    if arch.family in FAMILIES:
+        return FAMILIES[arch.family].to_hf(arch, cfg, num_labels)
+    if arch.family == "bert" and cfg.type_vocab_size == 0:
+        raise CheckpointError(
+            f"cannot export as {arch.name}: model.type_vocab_size=0 (HF BERT needs token-type "
+            "embeddings; a BERT without them exports as DistilBertModel)"
+        )
+    check_exportable(arch, cfg, FIXED[arch.family])
+    return _hf_config(arch, cfg, num_labels)
+
+
+def check_exportable(arch: Architecture, cfg: ModelConfig, fixed: Mapping[str, Any]) -> None:
+    """CheckpointError naming every setting of `cfg` that HF's `arch` cannot express: the
+    `fixed` fields' values, GQA, a head_dim other than d_model / num_heads, the activation."""
     errs = []
-    fixed = FIXED[arch.family]
     for field, want in fixed.items():
         if getattr(cfg, field) != want:
             errs.append(f"model.{field}={getattr(cfg, field)!r} (HF {arch.name} needs {want!r})")
@@ -301,6 +390,17 @@ def hf_config(
         )
     if errs:
         raise CheckpointError(f"cannot export as {arch.name}: " + "; ".join(errs))
+
+
+def label_maps(num_labels: int) -> dict[str, Any]:
+    """config.json's id2label / label2id for `num_labels` classes."""
+    return {
+        "id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+        "label2id": {f"LABEL_{i}": i for i in range(num_labels)},
+    }
+
+
+def _hf_config(arch: Architecture, cfg: ModelConfig, num_labels: int | None) -> dict[str, Any]:
     if arch.family == "bert":
         out: dict[str, Any] = {
             "model_type": "bert",
@@ -345,21 +445,26 @@ def hf_config(
     out["architectures"] = [arch.name]
     out["dtype"] = cfg.param_dtype
     if num_labels is not None:
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        out.update(label_maps(num_labels))
     return out
 
 
 def build_module(arch: Architecture, cfg: ModelConfig, num_labels: int | None = None) -> nn.Module:
     """The lmflax module for `arch`."""
+    if arch.family in FAMILIES:
+        return FAMILIES[arch.family].build(arch, cfg, num_labels)
     if arch.family == "gpt2":
         return GPT(cfg)
     if arch.head == "none":
         return BertModel(cfg)
     if arch.head == "mlm":
         return BertForMaskedLM(cfg)
+    if arch.head == "qa":
+        return BertForQuestionAnswering(cfg)
     if num_labels is None:
         raise CheckpointError(f"{arch.name} needs num_labels")
+    if arch.head == "tagger":
+        return BertForTokenClassification(cfg, num_labels)
     return BertForSequenceClassification(cfg, num_labels)
 
 
@@ -478,12 +583,10 @@ class Layout:
     heads: re.Pattern
 
 
-def _bert_layout(
-    arch: Architecture, cfg: BertConfig, prefix: str, num_labels: int | None
-) -> Layout:
+def bert_backbone_rules(cfg: BertConfig, p: str, root: Path_) -> list[Rule]:
+    """BERT's embeddings and encoder layers (HF names under prefix `p`, lmflax paths under
+    `root`); RoBERTa and XLM-RoBERTa name theirs the same way."""
     D, N, H, F = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.d_ff
-    p = prefix
-    root: Path_ = ("bert",) if arch.head in ("mlm", "classifier") else ()
     rules = [
         _same(
             f"{p}embeddings.word_embeddings.weight",
@@ -526,6 +629,21 @@ def _bert_layout(
         )
         rules += _dense(h + "output.dense", (*layer, "mlp", "wo"), (F,), (D,), transposed=True)
         rules += _norm(h + "output.LayerNorm", (*layer, "mlp_norm"), D)
+    return rules
+
+
+def span_rules(name: str, D: int) -> list[Rule]:
+    """A QA head: HF nn.Linear(D, 2) `name` <-> lmflax SpanHead `qa_outputs`."""
+    return _dense(name, ("qa_outputs",), (D,), (2,), transposed=True)
+
+
+def _bert_layout(
+    arch: Architecture, cfg: BertConfig, prefix: str, num_labels: int | None
+) -> Layout:
+    D = cfg.d_model
+    p = prefix
+    root: Path_ = ("bert",) if arch.head != "none" else ()
+    rules = bert_backbone_rules(cfg, p, root)
     if arch.head == "classifier" or (arch.head == "none" and cfg.add_pooler):
         rules += _dense(f"{p}pooler.dense", (*root, "pooler"), (D,), (D,), transposed=True)
     tied = {}
@@ -539,13 +657,15 @@ def _bert_layout(
             "cls.predictions.decoder.weight": f"{p}embeddings.word_embeddings.weight",
             "cls.predictions.decoder.bias": "cls.predictions.bias",
         }
-    if arch.head == "classifier":
+    if arch.head in ("classifier", "tagger"):
         rules += _dense("classifier", ("classifier",), (D,), (num_labels,), transposed=True)
+    if arch.head == "qa":
+        rules += span_rules("qa_outputs", D)
     return Layout(
         rules,
         tied,
         ignored=re.compile(r"^(bert\.)?embeddings\.(position_ids|token_type_ids)$"),
-        heads=re.compile(r"^(cls\.|classifier\.|(bert\.)?pooler\.)"),
+        heads=re.compile(r"^(cls\.|classifier\.|qa_outputs\.|(bert\.)?pooler\.)"),
     )
 
 
@@ -588,6 +708,8 @@ def layout(
     arch: Architecture, cfg: ModelConfig, prefix: str, num_labels: int | None = None
 ) -> Layout:
     """The rules of `arch` with backbone tensor names starting with `prefix` ('' or e.g. 'bert.')."""
+    if arch.family in FAMILIES:
+        return FAMILIES[arch.family].layout(arch, cfg, prefix, num_labels)
     if arch.family == "bert":
         return _bert_layout(arch, cfg, prefix, num_labels)
     return _gpt2_layout(cfg, prefix)
@@ -596,7 +718,10 @@ def layout(
 def checkpoint_prefix(arch: Architecture, names: Iterable[str]) -> str:
     """Whether the checkpoint's backbone tensors carry the base-model prefix ('bert.',
     'transformer.'): a head model's checkpoint does, a base model's does not."""
-    anchor = "embeddings." if arch.family == "bert" else "wte."
+    if arch.family in FAMILIES:
+        anchor = FAMILIES[arch.family].anchor
+    else:
+        anchor = "embeddings." if arch.family == "bert" else "wte."
     return arch.base_prefix if any(n.startswith(arch.base_prefix + anchor) for n in names) else ""
 
 
