@@ -341,3 +341,43 @@ def test_init_from_a_roberta_checkpoint_starts_a_classification_task(tmp_path, t
     # A mismatching RoBERTa setting is named with the checkpoint's value.
     with pytest.raises(ConfigError, match=r"model.pad_token_id is 0 but .*pad_token_id=1"):
         resolve(override(cfg, {"model.pad_token_id": 0}))
+
+
+# ---------------------------------------------------------------------------------------------
+# The RoBERTa fine-tuning configs, end to end on mocked TFDS data
+
+MOCK = {
+    "model.vocab_size": 256,
+    "model.num_layers": 1,
+    "model.d_model": 32,
+    "model.num_heads": 2,
+    "model.d_ff": 64,
+    "data.batch_size": 16,
+    "data.seq_len": 32,
+    "train.steps": 4,
+    "train.eval_every": 2,
+    "train.log_every": 2,
+    "train.checkpoint_every": 0,
+    "train.progress": False,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sst2_roberta", "conll2003_roberta"])
+def test_roberta_configs_run_end_to_end_under_mock_data(name, tmp_path):
+    import tensorflow_datasets as tfds
+
+    from lmflax.train import run
+
+    cfg, _ = load_config_file(f"{name}:tiny")
+    assert isinstance(cfg.model, RobertaConfig)
+    cfg = override(cfg, {**MOCK, "data.data_dir": str(tmp_path)})
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        summary = run(cfg, tmp_path / "w", config_name=name)
+    assert summary["eval"]["examples"] == 12 and np.isfinite(summary["eval"]["loss"])
+    # A tokenizer whose padding id is not the model's is refused by name.
+    bad = override(cfg, {"model.pad_token_id": 1})
+    mock = tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE)
+    refused = pytest.raises(ConfigError, match=r"model.pad_token_id is 1, but the tokenizer")
+    with mock, refused:
+        run(bad, tmp_path / "bad", config_name=name)

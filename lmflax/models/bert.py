@@ -274,6 +274,15 @@ PRESETS = {
         dropout_rate=0.0,
         attention_dropout_rate=0.0,
     ),
+    "roberta_base": RobertaConfig(
+        vocab_size=50265,
+        num_layers=12,
+        d_model=768,
+        num_heads=12,
+        d_ff=3072,
+        max_len=514,
+        norm_eps=1e-5,
+    ),
     "bert_large": BertConfig(
         vocab_size=30522,
         num_layers=24,
