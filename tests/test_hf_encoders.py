@@ -381,3 +381,70 @@ def test_roberta_configs_run_end_to_end_under_mock_data(name, tmp_path):
     refused = pytest.raises(ConfigError, match=r"model.pad_token_id is 1, but the tokenizer")
     with mock, refused:
         run(bad, tmp_path / "bad", config_name=name)
+
+
+def _roberta_with_tokenizer(torch, transformers, path):
+    """A tiny RobertaForMaskedLM (what roberta-base is) with a byte-level BPE tokenizer.json
+    trained here: <s> <pad> </s> <unk> <mask> are ids 0-4, as in RoBERTa's."""
+    import tokenizers
+
+    tok = tokenizers.ByteLevelBPETokenizer()
+    words = ["a", "good", "movie", "with", "great", "actors", "and", "a", "bad", "plot"]
+    tok.train_from_iterator(
+        [" ".join(words[i:] + words[:i]) for i in range(len(words))],
+        vocab_size=300,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
+    kw = {**ROBERTA, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 40}
+    _hf_roberta_dir(torch, transformers, path, "RobertaForMaskedLM", **kw)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.mark.slow
+def test_sst2_roberta_fine_tunes_a_checkpoint_with_its_tokenizer(tmp_path, torch, transformers):
+    """`--config=sst2_roberta:DIR`: model and tokenizer from the checkpoint, the trainer starts
+    from its weights (a fresh head) and runs on mocked glue/sst2."""
+    import tensorflow_datasets as tfds
+
+    from lmflax.train import Trainer, run
+
+    src = _roberta_with_tokenizer(torch, transformers, tmp_path / "ckpt")
+    cfg, _ = load_config_file(f"sst2_roberta:{src}")
+    settings = {k: v for k, v in MOCK.items() if not k.startswith("model.")}
+    cfg = resolve(override(cfg, {**settings, "data.data_dir": str(tmp_path), "mesh.data": 1}))
+    assert cfg.model.pad_token_id == 1 and cfg.data.tokenizer == f"hf:{src}"
+    trainer = Trainer.create(cfg)
+    _, want = lmflax.from_pretrained(src)
+    jax.tree.map(np.testing.assert_array_equal, dict(trainer.state.params["bert"]), want["bert"])
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        summary = run(cfg, tmp_path / "w", config_name="sst2_roberta")
+    assert summary["eval"]["examples"] == 12 and np.isfinite(summary["eval"]["loss"])
+
+
+def test_token_types_reach_only_models_with_a_segment_table():
+    """A RoBERTa (one token type) QA task gets no token_type_ids: the context's 1s would index
+    past its table (a zero embedding) instead of type 0, as HF's tokenizers give RoBERTa."""
+    from lmflax.tasks import make_task
+
+    cfg, _ = load_config_file("squad")
+    model = dataclasses.replace(
+        RobertaConfig(vocab_size=64, num_layers=1, d_model=16, num_heads=2, d_ff=24, max_len=80),
+        pad_token_id=0,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+    )
+    sizes = {"data.seq_len": 64, "task.max_query_len": 16, "task.doc_stride": 24}
+    cfg = resolve(
+        override(cfg, {"model": model, **sizes, "task.max_answer_len": 8, "mesh.data": 1})
+    )
+    task = make_task(cfg)
+    batch = task.dummy_batch(2)
+    assert batch["token_type_ids"].any()
+    params = task.init(jax.random.key(0), batch)["params"]
+    got = task.apply(params, batch, None, True)
+    want = task.model.apply(
+        {"params": params}, batch["inputs"], batch["attention_mask"], None, deterministic=True
+    )
+    np.testing.assert_allclose(np.asarray(got.start_logits), np.asarray(want.start_logits))
