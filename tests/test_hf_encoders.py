@@ -448,3 +448,17 @@ def test_token_types_reach_only_models_with_a_segment_table():
         {"params": params}, batch["inputs"], batch["attention_mask"], None, deterministic=True
     )
     np.testing.assert_allclose(np.asarray(got.start_logits), np.asarray(want.start_logits))
+
+
+def test_export_with_a_tokenizer_padding_elsewhere_is_refused(tmp_path, torch, transformers):
+    """RoBERTa's positions skip the pad_token_id tokens: a tokenizer padding with another id
+    would give HF other positions than lmflax computed, so the export stops by name."""
+    src = _roberta_with_tokenizer(torch, transformers, tmp_path / "ckpt")
+    (src / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    tok = lmflax.load_tokenizer(src)
+    model, params = lmflax.from_pretrained(src)
+    out = hf.save_pretrained(model.config, params, tmp_path / "ok", tokenizer=tok)
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 1
+    other = dataclasses.replace(model.config, pad_token_id=3)
+    with pytest.raises(CheckpointError, match=r"pads with id 1, but model.pad_token_id is 3"):
+        hf.save_pretrained(other, params, tmp_path / "bad", tokenizer=tok)

@@ -445,6 +445,13 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save(out)
         # The model config names the special tokens' ids as the tokenizer has them.
+        pad = getattr(config, "pad_token_id", None)
+        if pad is not None and tokenizer.token_id("pad_token") not in (None, pad):
+            raise CheckpointError(
+                f"cannot export as {arch.name}: the tokenizer pads with id "
+                f"{tokenizer.token_id('pad_token')}, but model.pad_token_id is {pad} (RoBERTa's "
+                "positions skip exactly the pad_token_id tokens)"
+            )
         for key in ("pad_token", "bos_token", "eos_token"):
             token_id = tokenizer.token_id(key)
             if token_id is not None:
