@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """lmflax word2vec against gensim's on the same corpus, hyperparameters and machine.
 
-  python benchmarks/word2vec_vs_gensim.py [--epochs=1] [--dim=100] [--arch=skipgram|cbow]
+  python benchmarks/word2vec_vs_gensim.py [--epochs=1] [--dim=100] [--arch=both|skipgram|cbow]
 
 Both train on the words of the embedded corpus's training split (lmflax's word splitter feeds
-gensim too, so the vocabularies are identical). Reported:
+gensim too, so the vocabularies are identical), skip-gram and CBOW (gensim with cbow_mean=1, the
+update word2vec.c makes and lmflax makes), each at word2vec.c's α for it (0.025 skip-gram, 0.05
+CBOW) unless --alpha is given. Reported per architecture:
 - throughput: corpus words per second of training (gensim: its train() call, `workers` threads;
   lmflax: train.py's loop on this machine's JAX devices, logged windows after the first, which
   holds compilation; and the whole run's wall time);
@@ -40,6 +42,24 @@ def _corpus(data_dir: str) -> list[list[str]]:
     return [split_words(source[i]["text"].decode("utf-8")) for i in range(len(source))]
 
 
+def _alpha(args) -> float:
+    """The per-example learning rate: --alpha, or word2vec.c's default for the architecture."""
+    if args.alpha is not None:
+        return args.alpha
+    from configs.word2vec import ALPHA
+
+    return ALPHA[args.arch]
+
+
+def _batch(args) -> int:
+    """lmflax's batch: --batch-size, or configs/word2vec.py's for the architecture."""
+    if args.batch_size is not None:
+        return args.batch_size
+    from configs.word2vec import BATCH
+
+    return BATCH[args.arch]
+
+
 def _train_gensim(sentences, args, seed: int):
     from gensim.models import Word2Vec
 
@@ -48,10 +68,11 @@ def _train_gensim(sentences, args, seed: int):
         window=args.window,
         negative=args.negatives,
         sg=1 if args.arch == "skipgram" else 0,
+        cbow_mean=1,
         min_count=args.min_count,
         sample=args.sample,
-        alpha=args.alpha,
-        min_alpha=args.alpha * 1e-4,
+        alpha=_alpha(args),
+        min_alpha=_alpha(args) * 1e-4,
         workers=args.workers,
         seed=seed,
         epochs=args.epochs,
@@ -79,7 +100,7 @@ def _train_lmflax(args, data_dir: str, total_words: int):
             "model.min_count": args.min_count,
             "model.sample": args.sample,
             "data.data_dir": data_dir,
-            "data.batch_size": args.batch_size,
+            "data.batch_size": _batch(args),
             "data.eval_split": "",
             "train.checkpoint_every": 0,
             "train.sample_tokens": 0,
@@ -87,8 +108,8 @@ def _train_lmflax(args, data_dir: str, total_words: int):
             "train.log_every": 20,
         },
     )
-    if args.lr is not None:
-        cfg = override(cfg, {"optimizer.learning_rate": args.lr})
+    lr = args.lr if args.lr is not None else _alpha(args) * _batch(args)
+    cfg = override(cfg, {"optimizer.learning_rate": lr})
     if args.optimizer is not None:
         cfg = override(cfg, {"optimizer.name": args.optimizer})
     # Steps for `epochs` passes: measure the examples per corpus word on a few batches first.
@@ -138,17 +159,17 @@ def _agreement(a, b, words, rng, pairs: int = 20000, queries: int = 200):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arch", default="skipgram", choices=("skipgram", "cbow"))
+    p.add_argument("--arch", default="both", choices=("both", "skipgram", "cbow"))
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--dim", type=int, default=100)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--negatives", type=int, default=5)
     p.add_argument("--min-count", type=int, default=5)
     p.add_argument("--sample", type=float, default=1e-3)
-    p.add_argument("--alpha", type=float, default=0.025, help="gensim's starting learning rate")
-    p.add_argument("--lr", type=float, default=None, help="lmflax learning rate (config's)")
+    p.add_argument("--alpha", type=float, default=None, help="starting per-example rate (both)")
+    p.add_argument("--lr", type=float, default=None, help="lmflax learning rate (alpha·batch)")
     p.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help="lmflax's")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--top", type=int, default=2000, help="compare the N most frequent words")
     p.add_argument("--data-dir", default=None)
@@ -156,7 +177,6 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import jax
 
     from lmflax.data import sources
 
@@ -169,6 +189,21 @@ def main() -> int:
         f"window {args.window}, {args.negatives} negatives, {args.epochs} epoch(s)"
     )
 
+    all_results = {}
+    for arch in ("skipgram", "cbow") if args.arch == "both" else (args.arch,):
+        all_results[arch] = compare(
+            argparse.Namespace(**{**vars(args), "arch": arch}), data_dir, sentences, total
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(all_results, indent=2))
+    return 0
+
+
+def compare(args, data_dir: str, sentences, total: int) -> dict:
+    """Trains gensim (two seeds) and lmflax with `args.arch`; prints and returns the results."""
+    import jax
+
+    print(f"\n## {args.arch} (alpha {_alpha(args)})")
     g1, g_rate = _train_gensim(sentences, args, seed=1)
     g2, _ = _train_gensim(sentences, args, seed=2)
     wv, l_rate, l_wall, steps, consumed = _train_lmflax(args, data_dir, total)
@@ -183,6 +218,8 @@ def main() -> int:
     gg = _agreement(b2, b1, words, np.random.default_rng(0))
     rnd = _agreement(rng.standard_normal(a.shape), b1, words, np.random.default_rng(0))
     results = {
+        "arch": args.arch,
+        "alpha": _alpha(args),
         "corpus_words": total,
         "vocab_lmflax": len(wv),
         "vocab_gensim": len(g1.wv),
@@ -210,7 +247,7 @@ def main() -> int:
     print(
         f"throughput (corpus words/s): gensim {g_rate:,.0f} ({args.workers} workers), lmflax "
         f"{l_rate:,.0f} steady / {l_wall:,.0f} over the whole run incl. compile "
-        f"({steps} steps of {args.batch_size}, {jax.devices()[0].platform})"
+        f"({steps} steps of {_batch(args)}, {jax.devices()[0].platform})"
     )
     print(f"{'':34s}{'lmflax~gensim':>15s}{'gensim~gensim':>15s}{'random~gensim':>15s}")
     for name, key in (
@@ -229,9 +266,7 @@ def main() -> int:
 
             print(f"  {w}: lmflax {[x for x, _ in nearest(wv, w, 6)]}")
             print(f"  {w}: gensim {[x for x, _ in g1.wv.most_similar(w, topn=6)]}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

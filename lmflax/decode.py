@@ -93,10 +93,24 @@ def sample_logits(
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def length_penalty(length: jax.Array | int, alpha: float) -> jax.Array:
-    """GNMT's length normaliser ((5 + length) / 6)^alpha (Wu et al. 2016); 1 when alpha = 0.
-    A hypothesis' score is its log-probability divided by this."""
-    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+LENGTH_PENALTIES = ("gnmt", "hf")
+EARLY_STOPPING = (None, True, False, "never")
+# A config's generate.early_stopping (lmflax.config.GenerateConfig) -> early_stopping.
+EARLY_STOPPING_NAMES = {"exact": None, "true": True, "false": False, "never": "never"}
+
+
+def length_penalty(length: jax.Array | int, alpha: float, form: str = "gnmt") -> jax.Array:
+    """The length normaliser a hypothesis' log-probability is divided by; 1 when alpha = 0.
+
+    form 'gnmt': ((5 + length) / 6)^alpha (Wu et al. 2016); 'hf': length^alpha (Hugging Face
+    transformers' `length_penalty`, length counting the generated tokens and the EOS).
+    """
+    length = jnp.asarray(length, jnp.float32)
+    if form == "gnmt":
+        return ((5.0 + length) / 6.0) ** alpha
+    if form == "hf":
+        return length**alpha
+    raise ValueError(f"unknown length penalty form {form!r}; accepted: {LENGTH_PENALTIES}")
 
 
 def left_pad(
@@ -484,6 +498,8 @@ def beam_search_loop(
     eos_id: int | None,
     length_penalty_alpha: float = 0.6,
     pad_id: int = 0,
+    length_penalty_form: str = "gnmt",
+    early_stopping: bool | str | None = None,
 ) -> BeamOutput:
     """Beam search over up to max_new_tokens tokens.
 
@@ -497,9 +513,21 @@ def beam_search_loop(
     log-probability can only fall). Rows with fewer than W finished hypotheses after
     max_new_tokens fill the rest with live beams (scored at their length), ranked after the
     finished ones.
+
+    length_penalty_form: 'gnmt' or 'hf' (see `length_penalty`). early_stopping: None is the
+    rule above (stop only when no live beam can win); True, False or 'never' follow Hugging
+    Face transformers' `generate(num_beams=..., early_stopping=...)` exactly: True stops once
+    every row has W finished hypotheses (a full row takes no more); True and False stop a row
+    once the best live beam, scored at its current length, cannot beat the worst finished one;
+    'never' once it cannot at any length up to max_new_tokens (the same bound as None). A row that stops takes no more hypotheses, and at
+    max_new_tokens the W best candidates of the last step finish (and count as finished).
     """
     B, V = logits.shape
     W, N = beam_size, max_new_tokens
+    if early_stopping not in EARLY_STOPPING:
+        raise ValueError(f"early_stopping must be one of {EARLY_STOPPING}, got {early_stopping!r}")
+    hf_rules = early_stopping is not None
+    form = length_penalty_form
     if W < 1:
         raise ValueError(f"beam_size must be >= 1, got {W}")
     if V < 2:
@@ -518,19 +546,27 @@ def beam_search_loop(
     def row_done(i: jax.Array, alive_logp: jax.Array, fin_score: jax.Array, fin_flag: jax.Array):
         # The best score a live beam could still reach: its log-probability (which only falls)
         # over the largest length penalty ahead (alpha >= 0: at N tokens; alpha < 0: at i + 1).
-        best_lp = jnp.maximum(length_penalty(i + 1, alpha), length_penalty(N, alpha))
+        # (transformers, unless early_stopping='never', scores it at its current length i + 1.)
+        now = length_penalty(i + 1, alpha, form)
+        if early_stopping in (True, False):
+            best_lp = now
+        else:
+            best_lp = jnp.maximum(now, length_penalty(N, alpha, form))
         bound = alive_logp[:, 0] / best_lp
         worst = jnp.min(jnp.where(fin_flag, fin_score, NEG_INF), axis=1)
         return jnp.all(fin_flag, axis=1) & (worst >= bound)
 
     def cond(carry: tuple) -> jax.Array:
-        i, _, _, alive_logp, _, _, fin_score, fin_flag = carry
+        i, _, _, alive_logp, _, _, fin_score, fin_flag, stopped = carry
+        if hf_rules:
+            go = (i < N) & ~jnp.all(stopped)
+            return go & ~jnp.all(fin_flag) if early_stopping is True else go
         if eos_id is None:
             return i < N
         return (i < N) & ~jnp.all(row_done(i, alive_logp, fin_score, fin_flag))
 
     def body(carry: tuple) -> tuple:
-        i, state, logits, alive_logp, alive_seq, fin_seq, fin_score, fin_flag = carry
+        i, state, logits, alive_logp, alive_seq, fin_seq, fin_score, fin_flag, stopped = carry
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(B, W, V)
         candidates = (alive_logp[:, :, None] + logp).reshape(B, W * V)
         top_logp, top_index = jax.lax.top_k(candidates, 2 * W)  # [B, 2W]
@@ -542,29 +578,39 @@ def beam_search_loop(
         # dropped, as in Hugging Face's beam search, so that one beam is exactly greedy); a dead
         # beam's EOS never does.
         ended = is_eos & (jnp.arange(2 * W) < W) & (top_logp > NEG_INF / 2)
+        if hf_rules:
+            # transformers: at max_new_tokens every one of the W best candidates finishes, and
+            # a row that has stopped (or is full, with early_stopping=True) takes no more.
+            last = (i == N - 1) & (jnp.arange(2 * W) < W) & (top_logp > NEG_INF / 2)
+            closed = stopped
+            if early_stopping is True:
+                closed = closed | jnp.all(fin_flag, axis=1)
+            ended = (ended | last) & ~closed[:, None]
         # Live: the W best candidates that do not end in EOS.
         alive_logp, keep = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logp), W)
         alive_seq = jnp.take_along_axis(seq, keep[:, :, None], axis=1)
         source_beam = jnp.take_along_axis(beam, keep, axis=1)
         tokens = jnp.take_along_axis(token, keep, axis=1)
         # Finished: the W best of the old ones and those that ended now.
-        new_score = jnp.where(ended, top_logp / length_penalty(i + 1, alpha), NEG_INF)
+        new_score = jnp.where(ended, top_logp / length_penalty(i + 1, alpha, form), NEG_INF)
         fin_score, pick = jax.lax.top_k(jnp.concatenate([fin_score, new_score], axis=1), W)
         fin_seq = jnp.take_along_axis(
             jnp.concatenate([fin_seq, seq], axis=1), pick[:, :, None], axis=1
         )
         fin_flag = jnp.take_along_axis(jnp.concatenate([fin_flag, ended], axis=1), pick, axis=1)
         rows = (jnp.arange(B)[:, None] * W + source_beam).reshape(B * W)
+        if hf_rules:
+            stopped = stopped | row_done(i, alive_logp, fin_score, fin_flag)
         logits, state = step_fn(_gather_rows(state, rows), tokens.reshape(B * W))
-        return i + 1, state, logits, alive_logp, alive_seq, fin_seq, fin_score, fin_flag
+        return i + 1, state, logits, alive_logp, alive_seq, fin_seq, fin_score, fin_flag, stopped
 
     init = (jnp.zeros((), jnp.int32), state, logits, alive_logp, alive_seq, fin_seq)
-    init = (*init, fin_score, fin_flag)
-    i, _, _, alive_logp, alive_seq, fin_seq, fin_score, fin_flag = jax.lax.while_loop(
+    init = (*init, fin_score, fin_flag, jnp.zeros((B,), bool))
+    i, _, _, alive_logp, alive_seq, fin_seq, fin_score, fin_flag, _ = jax.lax.while_loop(
         cond, body, init
     )
     # Finished hypotheses first (by score), then live beams scored at their length.
-    alive_score = alive_logp / length_penalty(i, alpha)
+    alive_score = alive_logp / length_penalty(i, alpha, form)
     seqs = jnp.concatenate([fin_seq, alive_seq], axis=1)
     scores = jnp.concatenate([jnp.where(fin_flag, fin_score, NEG_INF), alive_score], axis=1)
     flags = jnp.concatenate([fin_flag, jnp.zeros_like(fin_flag)], axis=1)
@@ -579,7 +625,16 @@ def beam_search_loop(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "beam_size", "max_new_tokens", "eos_id", "length_penalty", "pad_id"),
+    static_argnames=(
+        "model",
+        "beam_size",
+        "max_new_tokens",
+        "eos_id",
+        "length_penalty",
+        "pad_id",
+        "length_penalty_form",
+        "early_stopping",
+    ),
 )
 def beam_search(
     model: nn.Module,
@@ -594,12 +649,16 @@ def beam_search(
     pad_id: int = 0,
     encoder_inputs: jax.Array | None = None,
     encoder_mask: jax.Array | None = None,
+    length_penalty_form: str = "gnmt",
+    early_stopping: bool | str | None = None,
 ) -> BeamOutput:
     """Beam search from prompt [B, P] (as in `generate`) -> BeamOutput with [B, beam_size, N]
     new tokens; `.sequences[:, 0]` is the highest-scoring finished hypothesis of each row.
 
-    length_penalty is GNMT's alpha (0 = raw log-probability). Stops early at EOS (see
-    `beam_search_loop`).
+    length_penalty is the alpha of `length_penalty_form` ('gnmt', or 'hf': tokens^alpha; 0 =
+    raw log-probability). Stops early at EOS (see `beam_search_loop`). With
+    length_penalty_form='hf' and early_stopping True / False / 'never' the search is Hugging
+    Face transformers' `generate(num_beams=W, length_penalty=alpha, early_stopping=...)`.
     """
     logits, state = prefill(
         model,
@@ -619,6 +678,8 @@ def beam_search(
         eos_id=eos_id,
         length_penalty_alpha=length_penalty,
         pad_id=pad_id,
+        length_penalty_form=length_penalty_form,
+        early_stopping=early_stopping,
     )
 
 
@@ -657,6 +718,8 @@ def generate_tokens(
             prompt,
             beam_size=settings.beam_size,
             length_penalty=settings.length_penalty,
+            length_penalty_form=getattr(settings, "length_penalty_form", "gnmt"),
+            early_stopping=EARLY_STOPPING_NAMES[getattr(settings, "early_stopping", "exact")],
             **common,
         )
         return out.sequences[:, 0]

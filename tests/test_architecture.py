@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lmflax.core",),
     ("lmflax.tasks",),
     ("lmflax.train",),
-    ("lmflax.cli", "lmflax.__main__"),
+    ("lmflax.cli", "lmflax.__main__", "lmflax.configs"),
     ("lmflax",),
 ]
 

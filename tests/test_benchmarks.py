@@ -140,3 +140,30 @@ ENTRY %main (w: f32[24,256], i: s32[], acc: f32[24,256]) -> f32[24,256] {
     s = hlo_summary(hlo)
     assert s["launches"] == 1
     assert s["kernel_bytes"] == 1024 + 4 + 0 + 1024  # row read, index, in-place buffer, row write
+
+
+def test_gpu_compile_describes_a_gpu_in_a_fresh_shell_without_cuda():
+    """`python -m benchmarks.gpu_compile --gpu=h200` in a shell that sets nothing: without an
+    NVIDIA driver the benchmarks, like `lmflax`, make jax's CUDA plugin skip its CUDA check, so the
+    H200 topology is built (here the run then stops at the unknown job, before compiling)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lmflax.train import plan
+
+    if not plan.cuda_plugin_installed():
+        pytest.skip("jax's CUDA plugin is not installed (the test extra has it)")
+    if os.path.exists("/dev/nvidiactl"):
+        pytest.skip("a machine with an NVIDIA driver does not need the skipped check")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_compile", "--gpu=h200", "--only=no_such_job"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "topology not implemented" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unknown jobs ['no_such_job']; known: lmflax_gpt2_tuned" in proc.stderr

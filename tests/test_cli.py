@@ -142,3 +142,14 @@ def test_a_config_is_resolved_once_per_run(tmp_path, monkeypatch, capsys):
     checks._resolve_cached.cache_clear()
     assert code == 0, capsys.readouterr().err
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "config show"])
+def test_a_url_workdir_is_refused_not_made_a_local_folder(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main([*command.split(), "--workdir=gs://bucket/run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "gs://bucket/run" in err and "mount" in err
+    assert list(tmp_path.iterdir()) == []  # no folder named 'gs:'

@@ -31,7 +31,7 @@ def test_embedded_corpus_splits(data_dir):
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="cannot open TFDS dataset 'no_such_dataset'"):
+    with pytest.raises(DataError, match="'no_such_dataset' is not a dataset TFDS knows"):
         sources.data_source("no_such_dataset", "train", str(tmp_path))
     with pytest.raises(DataError, match="split 'tset'"):
         sources.data_source(sources.EMBEDDED, "tset", str(tmp_path))

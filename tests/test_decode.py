@@ -297,8 +297,13 @@ def _log(probs: Any) -> jax.Array:
     return jnp.log(jnp.asarray(probs, jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("beam_size", "max_new_tokens", "eos_id", "alpha"))
-def _toy_beam(first, table, *, beam_size, max_new_tokens, eos_id, alpha=0.0):
+@functools.partial(
+    jax.jit,
+    static_argnames=("beam_size", "max_new_tokens", "eos_id", "alpha", "form", "early"),
+)
+def _toy_beam(
+    first, table, *, beam_size, max_new_tokens, eos_id, alpha=0.0, form="gnmt", early=None
+):
     """Beam search over first [B, V] logits and a [V, V] table of next-token logits."""
     state = {"rows": jnp.zeros((first.shape[0],), jnp.int32)}  # follows the beams
     return decode.beam_search_loop(
@@ -309,6 +314,8 @@ def _toy_beam(first, table, *, beam_size, max_new_tokens, eos_id, alpha=0.0):
         max_new_tokens=max_new_tokens,
         eos_id=eos_id,
         length_penalty_alpha=alpha,
+        length_penalty_form=form,
+        early_stopping=early,
     )
 
 
@@ -350,6 +357,49 @@ def test_beam_search_on_hand_set_distributions():
     np.testing.assert_array_equal(np.asarray(out.sequences[0]), [[3, 1, 0, 0], [2, 1, 0, 0]])
     np.testing.assert_allclose(np.asarray(out.scores[0]), np.log([0.27, 0.2]) / (7 / 6), rtol=1e-6)
     assert int(out.steps) == 3
+
+
+def test_transformers_early_stopping_rules_by_hand():
+    """length_penalty_form='hf' (score = log P / tokens^alpha), alpha = 1, two beams.
+
+    The distributions of the test above: step 1 keeps A .5, B .3; step 2 finishes B-EOS .27
+    (-0.655) and A-EOS .2 (-0.805), AA .175 and AB .125 live. The row is full: True stops;
+    False scores AA at its length, log(.175) / 2 = -0.872 < -0.805: stops too. 'never' bounds
+    it at 4 tokens (-0.436) and goes on: step 3 finishes AB-EOS .1125 (-0.728), which replaces
+    A-EOS; AAA .06125 still bounds at -0.698 > -0.728, so step 4 runs, the last: AAB-EOS
+    .039375 (-0.808) and AAA-EOS .0245 finish at max length, neither good enough."""
+    first = _log([[0.0, 0.2, 0.5, 0.3]])
+    table = _log([UNIFORM, UNIFORM, [0.0, 0.4, 0.35, 0.25], [0.0, 0.9, 0.05, 0.05]])
+    kw = dict(beam_size=2, max_new_tokens=4, eos_id=1, alpha=1.0, form="hf")
+    for early in (True, False):
+        out = _toy_beam(first, table, **kw, early=early)
+        np.testing.assert_array_equal(np.asarray(out.sequences[0]), [[3, 1, 0, 0], [2, 1, 0, 0]])
+        np.testing.assert_allclose(np.asarray(out.scores[0]), np.log([0.27, 0.2]) / 2, rtol=1e-6)
+        assert int(out.steps) == 2
+    out = _toy_beam(first, table, **kw, early="never")
+    np.testing.assert_array_equal(np.asarray(out.sequences[0]), [[3, 1, 0, 0], [2, 3, 1, 0]])
+    np.testing.assert_allclose(
+        np.asarray(out.scores[0]), [np.log(0.27) / 2, np.log(0.1125) / 3], rtol=1e-6
+    )
+    assert int(out.steps) == 4
+    # Start: EOS .5, A .45, B .05; after A: EOS .15, A .75, B .1; after B: EOS .6, A .2, B .2.
+    # Step 1 finishes EOS (-0.693), keeps A; step 2 finishes A-EOS .0675 (-1.348): full, so
+    # True stops with EOS, A-EOS. False: AA .3375 scores -0.543 at its length, better than
+    # -1.348: on. Step 3 is the last: AAA .2531 finishes at max length with -0.458, the best.
+    first = _log([[0.0, 0.5, 0.45, 0.05]])
+    table = _log([UNIFORM, UNIFORM, [0.0, 0.15, 0.75, 0.1], [0.0, 0.6, 0.2, 0.2]])
+    kw = dict(beam_size=2, max_new_tokens=3, eos_id=1, alpha=1.0, form="hf")
+    out = _toy_beam(first, table, **kw, early=True)
+    np.testing.assert_array_equal(np.asarray(out.sequences[0]), [[1, 0, 0], [2, 1, 0]])
+    assert int(out.steps) == 2
+    out = _toy_beam(first, table, **kw, early=False)
+    np.testing.assert_array_equal(np.asarray(out.sequences[0]), [[2, 2, 2], [1, 0, 0]])
+    np.testing.assert_allclose(
+        np.asarray(out.scores[0]), [np.log(0.45 * 0.75 * 0.75) / 3, np.log(0.5)], rtol=1e-6
+    )
+    assert np.asarray(out.finished[0]).all() and int(out.steps) == 3  # cut at max length
+    with pytest.raises(ValueError, match="early_stopping"):
+        _toy_beam(first, table, **kw, early="sometimes")
 
 
 def test_beam_search_stops_early_and_falls_back_to_live_beams():

@@ -509,6 +509,9 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
     params = _random_lmflax(GPT(cfg))
     rope = dataclasses.replace(cfg, position="rope", rope_base=10000.0, num_kv_heads=2)
     with pytest.raises(CheckpointError, match=r"model\.position='rope'.*num_kv_heads=2"):
+        lmflax.save_pretrained(rope, params, tmp_path, architecture="GPT2LMHeadModel")
+    # Unasked, a rotary GPT exports as a Llama, which has no LayerNorm or plain GELU MLP.
+    with pytest.raises(CheckpointError, match=r"LlamaForCausalLM: model\.norm='layernorm'"):
         lmflax.save_pretrained(rope, params, tmp_path)
     with pytest.raises(CheckpointError, match=r"decoder/layers_0/mlp/wi/kernel has shape \(16, 32\) but the config implies \(16, 64\)"):  # fmt: skip
         lmflax.save_pretrained(dataclasses.replace(cfg, d_ff=64), params, tmp_path)

@@ -369,7 +369,7 @@ def test_roberta_configs_run_end_to_end_under_mock_data(name, tmp_path):
 
     from lmflax.train import run
 
-    cfg, _ = load_config_file(f"{name}:tiny")
+    cfg, _ = load_config_file(f"finetune/{name}:tiny")
     assert isinstance(cfg.model, RobertaConfig)
     cfg = override(cfg, {**MOCK, "data.data_dir": str(tmp_path)})
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -411,7 +411,7 @@ def test_sst2_roberta_fine_tunes_a_checkpoint_with_its_tokenizer(tmp_path, torch
     from lmflax.train import Trainer, run
 
     src = _roberta_with_tokenizer(torch, transformers, tmp_path / "ckpt")
-    cfg, _ = load_config_file(f"sst2_roberta:{src}")
+    cfg, _ = load_config_file(f"finetune/sst2_roberta:{src}")
     settings = {k: v for k, v in MOCK.items() if not k.startswith("model.")}
     cfg = resolve(override(cfg, {**settings, "data.data_dir": str(tmp_path), "mesh.data": 1}))
     assert cfg.model.pad_token_id == 1 and cfg.data.tokenizer == f"hf:{src}"

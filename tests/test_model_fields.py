@@ -17,6 +17,7 @@ import pytest
 
 from lmflax.config import ConfigError, load_config_file, override
 from lmflax.models import PRESETS, BertConfig, BertModel, ModelConfig
+from lmflax.models.config import LoraConfig
 from lmflax.tasks import make_task
 from lmflax.train import resolve
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt": ("gpt_tiny", "gpt_tiny", {}),
     "bert": ("bert_tiny", "bert_tiny", {}),
-    "roberta": ("sst2_roberta", "roberta_tiny", {}),
+    "roberta": ("finetune/sst2_roberta", "roberta_tiny", {}),
     "seq2seq": ("wmt14_de_en", "transformer_tiny", {}),
     "t5": ("cnn_dailymail", "t5_tiny", {}),
     "word2vec": ("word2vec", "word2vec_tiny", {}),
@@ -35,6 +36,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 # A non-default value per field (family-specific where the default differs), and the fields it
 # needs set alongside to be meaningful.
 ROPE = {"position": "rope", "rope_base": 10000.0}
+LLAMA3 = {**ROPE, "rope_scaling": "llama3", "rope_scaling_factor": 8.0}
 
 
 def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -56,6 +58,14 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
         "attention_dropout_rate": (0.3, {}),
         "rope_base": (500.0, ROPE),
         "rope_fraction": (0.5, ROPE),
+        "rope_scaling": ("linear", ROPE),
+        "rope_scaling_factor": (2.0, {**ROPE, "rope_scaling": "linear"}),
+        "rope_low_freq_factor": (2.0, LLAMA3),
+        "rope_high_freq_factor": (8.0, LLAMA3),
+        "rope_original_max_len": (64, LLAMA3),
+        "qkv_bias": (not base.use_bias, {}),
+        "out_bias": (not base.use_bias, {}),
+        "sliding_window": (4, {}),
         # cuDNN cannot run on a CPU: the attention dispatch refusing it shows the field arrives.
         "attention_impl": ("cudnn", {}),
         "init_std": (0.05, {}),
@@ -70,6 +80,8 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
         "position": ("none" if base.position != "none" else "learned", {}),
         "tie_embeddings": (not base.tie_embeddings, {}),
         "init_from": ("hf:/nonexistent/lmflax-model", {}),
+        # LoRA changes what is trained, not the model: checked on the trainer (TRAINER_FIELDS).
+        "lora": (LoraConfig(rank=2, targets=("query",)), {}),
         # BERT
         "type_vocab_size": (3, {}),
         "add_pooler": (False, {}),
@@ -81,6 +93,9 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
         "relative_max_distance": (64, {"position": "relative"}),
         "scale_embeddings": (not getattr(base, "scale_embeddings", False), {}),
         "scale_logits": (not getattr(base, "scale_logits", False), {}),
+        "sinusoidal_layout": ("halves", {"position": "sinusoidal"}),
+        "embed_norm": (True, {}),
+        "logits_bias": (True, {}),
         # word2vec
         "architecture": ("cbow", {}),
         "window": (2, {}),
@@ -98,14 +113,41 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
 # Fields a family refuses to take a non-default value for (validation says so, by name).
 REFUSED: dict[str, set[str]] = {
     "gpt": {"init_from"},  # refused here only because the directory does not exist
-    "bert": {"init_from", "rope_base", "rope_fraction", "position", "tie_embeddings"},
-    "roberta": {"init_from", "rope_base", "rope_fraction", "position", "tie_embeddings"},
+    "bert": {
+        "init_from",
+        "rope_base",
+        "rope_fraction",
+        "rope_scaling",
+        "rope_scaling_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_max_len",
+        "position",
+        "tie_embeddings",
+        "sliding_window",
+    },
+    "roberta": {
+        "init_from",
+        "rope_base",
+        "rope_fraction",
+        "rope_scaling",
+        "rope_scaling_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_max_len",
+        "position",
+        "tie_embeddings",
+        "sliding_window",
+    },
     "seq2seq": {"init_from"},
     "t5": {"init_from"},
     # word2vec is no Transformer: every shared setting but these must keep its default.
     "word2vec": {f.name for f in dataclasses.fields(ModelConfig)}
     - {"d_model", "vocab_size", "dtype", "param_dtype"},
 }
+# Settings of what is trained rather than what the model computes: each must change the train
+# state (LoRA: adapters as the trained parameters, the base frozen).
+TRAINER_FIELDS = {"lora"}
 # word2vec settings that shape the training examples rather than the model: each must be read
 # by the data pipeline or the task.
 DATA_FIELDS = {"word2vec": {"window", "min_count", "sample", "ns_exponent", "lowercase"}}
@@ -172,6 +214,15 @@ def test_every_model_field_changes_the_model_or_is_refused(family, field):
     if field in REFUSED[family]:
         with pytest.raises(ConfigError, match=r"model\."):
             resolve(variant_cfg)
+        return
+    if field in TRAINER_FIELDS:
+        from lmflax.train import Trainer
+
+        def shapes(cfg: Any) -> Any:
+            state = Trainer.create(resolve(cfg), init=False).state
+            return jax.tree.map(lambda x: (x.shape, str(x.dtype)), (state.params, state.frozen))
+
+        assert shapes(variant_cfg) != shapes(base_cfg), f"model.{field} changes no train state"
         return
     if field in DATA_FIELDS.get(family, ()):
         sources = [

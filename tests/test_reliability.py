@@ -23,7 +23,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lmflax.config import load_config_file, override
-from lmflax.train.checkpoint import CHECKSUMS, Checkpointer, CheckpointIntegrityError
+from lmflax.train.checkpoint import (
+    CHECKSUMS,
+    Checkpointer,
+    CheckpointIntegrityError,
+    verify_checksums,
+)
 from lmflax.train.metrics import read_metrics
 
 from .conftest import ROOT, run_train
@@ -136,8 +141,9 @@ def test_missing_dataset_and_oversized_tokenizer_are_clear_errors(data_dir, tmp_
         data_dir,
         check=False,
     )
-    assert proc.returncode == 1 and "cannot open TFDS dataset 'not_a_dataset'" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    # exit 2 (nothing was started: the config names no dataset), before the workdir is made
+    assert proc.returncode == 2 and "'not_a_dataset' is not a dataset TFDS knows" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "a").exists()
     # A 100-token model with a byte-level tokenizer (256 byte tokens at least): refused, named.
     proc = run_train(
         [f"--workdir={tmp_path / 'b'}", "--config.model.vocab_size=100"], data_dir, check=False
@@ -348,6 +354,8 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(data_dir, tmp_path):
     finished = _steps(tmp_path)
     unfinished = [p.name for p in ckpts.iterdir() if not p.name.isdigit()]
     assert finished and unfinished, (finished, unfinished)
+    for s in finished:  # each finished checkpoint has its checksums, and they verify
+        assert verify_checksums(ckpts / str(s)), s
     resumed = run_train(
         [*args[:-4], "--config.train.steps=" + str(max(finished) + 2), *args[-3:]], data_dir
     )
@@ -488,3 +496,242 @@ def test_unusable_workdir_is_reported_at_startup(data_dir, tmp_path):
     )
     assert proc.returncode == 1 and "GiB free but checkpoints need about" in proc.stderr
     assert not (tmp_path / "big" / "checkpoints").exists() or not _steps(tmp_path / "big")
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 17: one writer per workdir, no unverified restore, checksums with no gap, disk full,
+# SIGTERM after the step in flight
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(data_dir, tmp_path):
+    import socket
+
+    args = [f"--workdir={tmp_path}", *TINY, "--config.train.steps=100000"]
+    first = _popen(args, data_dir)
+    try:
+        _wait_for(
+            lambda: (tmp_path / "metrics.jsonl").exists() and len(_losses(tmp_path)) >= 1,
+            first,
+            "the first run's first step",
+        )
+        config_before = (tmp_path / "config.json").read_text()
+        second = run_train(
+            [*args[:-1], "--config.train.steps=5", "--config.optimizer.learning_rate=0.5"],
+            data_dir,
+            check=False,
+            timeout=120,
+        )
+        assert second.returncode in (1, 2), second.stderr[-3000:]
+        msg = second.stderr[second.stderr.index("error: ") :]
+        assert str(tmp_path) in msg and f"pid {first.pid}" in msg
+        assert f"host {socket.gethostname()}" in msg and "started 20" in msg
+        assert "Traceback" not in second.stderr
+        # Nothing of the refused run reached the workdir.
+        assert (tmp_path / "config.json").read_text() == config_before
+        steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+        assert len(steps) == len(set(steps))
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    assert (tmp_path / "lmflax.lock").exists(), "kill -9 leaves the lock behind"
+    third = run_train([*args[:-1], "--config.train.steps=3"], data_dir)
+    assert "took over the stale lock" in third.stderr and f"pid {first.pid}" in third.stderr
+    assert not (tmp_path / "lmflax.lock").exists(), "a finished run releases its lock"
+
+
+def _damage(step_dir: Path) -> None:
+    """Flips one byte of the checkpoint's largest array file (still loadable, different)."""
+    victim = max(
+        (p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS),
+        key=lambda p: p.stat().st_size,
+    )
+    data = victim.read_bytes()
+    victim.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+
+
+def test_no_verifiable_checkpoint_stays_refused_until_asked_and_then_loads(tmp_path, caplog):
+    """verify_checkpoints=false, the advice of 'no checkpoint verifies', loads the newest
+    moved-aside checkpoint, loudly; a rerun without it refuses again instead of starting over."""
+    _save_steps(tmp_path, [1, 2]).close()
+    _damage(tmp_path / "1")
+    _damage(tmp_path / "2")
+    for _ in range(2):  # the second time both are already moved aside
+        ck = Checkpointer(tmp_path, keep=5)
+        with pytest.raises(CheckpointIntegrityError) as e:
+            ck.restore_latest(_abstract(), _Iter())
+        ck.close()
+        assert "no checkpoint verifies" in str(e.value)
+        assert "--config.train.verify_checkpoints=false" in str(e.value)
+        assert len(list(tmp_path.glob("*.corrupt-*"))) == 2
+    ck = Checkpointer(tmp_path, keep=5, verify=False)
+    it = _Iter()
+    step, arrays, meta = ck.restore_latest(_abstract(), it)
+    ck.close()
+    assert step == 2 and meta["step"] == 2 and it.n == 2
+    assert "UNVERIFIED" in caplog.text
+    diff = np.asarray(arrays["w"]) != np.asarray(_values(2))
+    assert 0 < diff.sum() <= 2, "the flipped byte is what was loaded (unverified)"
+
+
+def test_verify_checkpoints_false_resumes_the_run_and_truncates_nothing(
+    data_dir, tmp_path, monkeypatch
+):
+    from lmflax.train import Run
+
+    base = [f"--workdir={tmp_path}", *TINY, "--config.train.checkpoint_every=5"]
+    run_train([*base, "--config.train.steps=10"], data_dir)
+    for s in _steps(tmp_path):
+        _damage(tmp_path / "checkpoints" / str(s))
+    # Opening the run (eval, generate) verifies too, and moves nothing.
+    monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+    with pytest.raises(CheckpointIntegrityError, match=r"checkpoint step 10 .* is damaged"):
+        Run.open(tmp_path)
+    assert _steps(tmp_path) == [5, 10]
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    for _ in range(2):
+        proc = run_train([*base, "--config.train.steps=12"], data_dir, check=False)
+        assert proc.returncode == 1 and "no checkpoint verifies" in proc.stderr
+        assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    proc = run_train(
+        [*base, "--config.train.steps=12", "--config.train.verify_checkpoints=false"], data_dir
+    )
+    assert "UNVERIFIED" in proc.stderr and "at step 10" in proc.stderr
+    assert (tmp_path / "metrics.jsonl").read_text().startswith(metrics)
+    assert sorted(_losses(tmp_path)) == list(range(1, 13))
+
+
+def test_damaged_checksum_file_falls_back_like_any_damaged_file(tmp_path, caplog):
+    _save_steps(tmp_path, [1, 2]).close()
+    (tmp_path / "2" / CHECKSUMS).write_text('{"state/x": [1, "ab"')  # cut short
+    ck = Checkpointer(tmp_path, keep=5)
+    step, arrays, _ = ck.restore_latest(_abstract(), _Iter())
+    ck.close()
+    assert step == 1 and list(tmp_path.glob("2.corrupt-*"))
+    assert "not valid JSON" in caplog.text
+    np.testing.assert_array_equal(np.asarray(arrays["w"]), np.asarray(_values(1)))
+
+
+def test_a_checkpoint_is_finished_only_with_its_checksums(tmp_path, caplog):
+    """Sums are written in orbax's commit step: a step directory gets its final name with them
+    (nothing records them later), and one without them is not restored."""
+    ck = Checkpointer(tmp_path, keep=5)
+    for s in [1, 2]:
+        ck.save(s, {"w": _values(s)}, _Iter(s), {"step": s}, force=True)
+        ck.manager.wait_until_finished()  # orbax's own wait: no lmflax step after it
+        assert (tmp_path / str(s) / CHECKSUMS).is_file(), f"step {s} finished without sums"
+    ck.close()
+    (tmp_path / "2" / CHECKSUMS).unlink()
+    ck = Checkpointer(tmp_path, keep=5)
+    step, _, _ = ck.restore_latest(_abstract(), _Iter())
+    ck.close()
+    assert step == 1 and "lmflax_checksums.json is missing" in caplog.text
+
+
+def test_disk_check_counts_only_new_space(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from lmflax.train.loop import _check_disk
+
+    abstract = {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}  # 4 MiB
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "10").mkdir(parents=True)
+    (ckpts / "20.orbax-checkpoint-tmp").mkdir()
+    (ckpts / "20.orbax-checkpoint-tmp" / "part").write_bytes(b"\0" * (3 << 20))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(0, 0, 2 << 20))
+    # keep=1: checkpoint 10 stays until the next one (4 MiB) is finished; 3 MiB of the unfinished
+    # save are removed before saving: 2 + 3 MiB free for 4 MiB.
+    _check_disk(tmp_path, abstract, keep=1)
+    with pytest.raises(OSError, match=r"need about 8\.0 MiB more"):
+        _check_disk(tmp_path, abstract, keep=2)  # 2 x 4 MiB new
+
+
+def _can_mount_tmpfs(path: Path) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    ok = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+    if ok:
+        subprocess.run(["umount", str(path)], check=True)
+    return ok
+
+
+def test_disk_full_names_the_finished_checkpoints_and_a_rerun_fits(data_dir, tmp_path):
+    """On a small tmpfs: the save that fills the disk stops the run with one message listing the
+    checkpoint that is on disk; with space freed, the rerun's space check counts only new space
+    (not checkpoint 10, nor the unfinished save it removes) and the run continues."""
+    disk = tmp_path / "disk"
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("needs permission to mount a tmpfs")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8500k", "tmpfs", str(disk)], check=True)
+    try:
+        work = disk / "run"
+        base = [
+            f"--workdir={work}",
+            *TINY,
+            "--config.train.checkpoint_every=10",
+            "--config.train.keep_checkpoints=1",
+        ]
+        run_train([*base, "--config.train.steps=10"], data_dir)
+        filler = disk / "filler"
+        proc = _popen([*base, "--config.train.steps=40"], data_dir)
+        _wait_for(lambda: max(_losses(work), default=0) >= 11, proc, "step 11")
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        filler.write_bytes(b"\0" * (free - (1 << 20)))  # 1 MiB left: too little for a checkpoint
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err[-3000:]
+        assert "No space left on device" in err
+        assert "Finished checkpoints are intact: [10]" in err and "The disk is full" in err
+        assert "Traceback" not in err and len(err.splitlines()) < 80, err[-5000:]
+        filler.unlink()
+        again = run_train([*base, "--config.train.steps=20"], data_dir)
+        assert "at step 10" in again.stderr and _steps(work) == [20]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_the_loop_stays_one_step_ahead_of_the_device(data_dir, tmp_path, monkeypatch):
+    """A signal is handled when Python next runs, so SIGTERM is honoured after the step in flight
+    only if Python never queues more steps than that: without the wait, JAX's asynchronous
+    dispatch let the loop run up to a log step (or the runtime's queue limit) ahead."""
+    from lmflax.config import apply_overrides
+    from lmflax.train import loop, trainer
+
+    outputs: list = []
+    depth: list[int] = []
+    jit_train_step = trainer.Trainer.jit_train_step
+
+    def counting(self):
+        step_fn = jit_train_step(self)
+
+        def step(state, batch, key):
+            state, metrics = step_fn(state, batch, key)
+            outputs.append(metrics["skipped"])
+            depth.append(sum(not x.is_ready() for x in outputs))
+            return state, metrics
+
+        return step
+
+    monkeypatch.setattr(trainer.Trainer, "jit_train_step", counting)
+    monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+    cfg, _ = load_config_file(None)
+    overrides = [a.removeprefix("--config.") for a in TINY if "d_model" not in a]
+    cfg = apply_overrides(
+        cfg,
+        [
+            *overrides,
+            "model.d_model=256",  # steps long enough that dispatching is much faster
+            "model.d_ff=1024",
+            "data.data_dir=" + data_dir,
+            "train.log_every=50",
+            "train.steps=30",
+            "train.checkpoint_every=0",
+            "train.progress=false",
+        ],
+    )
+    loop.run(cfg, tmp_path)
+    assert len(depth) == 30 and max(depth) <= 2, depth

@@ -16,6 +16,7 @@ from PIL import Image
 from lmflax import cli, viz
 from lmflax import nn as lnn
 from lmflax.models import PRESETS, BertModel
+from lmflax.train.metrics import MetricWriter
 
 from .conftest import jitted
 
@@ -177,5 +178,69 @@ def test_command_draws_a_trained_gpt_checkpoint(data_dir, tmp_path, capsys, monk
         with Image.open(p) as im:
             assert im.size == (320, 240)
     assert str(out / "attention_layer0_head1.png") in capsys.readouterr().out
+    # --layer=all without --head: every head of every layer, one grid
+    assert cli.main(["viz", "attention", *args, "--layer", "all"]) == 0
+    with Image.open(out / "attention_grid.png") as im:
+        assert im.size == (640, 640)  # 2 layers x 2 heads: the 640x640 minimum
+    # The run drew its own curves when it ended.
+    with Image.open(workdir / "curves.png") as im:
+        assert im.format == "PNG" and im.size == (1200, 420)
     assert cli.main(["viz", "attention", *args, "--head", "2"]) == 1
     assert "--head 2 is out of range: the model has 2" in capsys.readouterr().err
+
+
+def test_the_attention_grid_has_a_cell_per_head_and_layer(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = list("abcde")
+    maps = [(f"layers_{i}/attention", rng.dirichlet(np.ones(5), size=(4, 5))) for i in range(3)]
+    fig = viz.attention_grid_figure(maps, tokens)
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 12 and [ax.get_title() for ax in fig.axes[:4]] == [
+        f"head {h}" for h in range(4)
+    ]
+    np.testing.assert_allclose(drawn[5].images[0].get_array(), maps[1][1][1])  # layer 1, head 1
+    path = viz.plot_attention_grid(maps, tokens, tmp_path / "g.png")
+    with Image.open(path) as im:
+        assert im.size == (4 * 180 + 120, 640)
+
+
+def _write_run(workdir, lr, steps=6, eval_every=3):
+    workdir.mkdir(parents=True)
+    writer = MetricWriter(workdir, tensorboard=False)
+    for step in range(1, steps + 1):
+        writer.write(step, {"loss": 5.0 / step, "learning_rate": lr * step / steps})
+        if step % eval_every == 0:
+            ev = {"loss": 6.0 / step, "accuracy": step / 10}
+            writer.write(step, ev, file="eval_metrics", prefix="eval/")
+    writer.close()
+
+
+def test_curves_compare_runs_with_one_line_per_run_and_metric(tmp_path):
+    a, b = tmp_path / "lr_1e-3", tmp_path / "lr_3e-3"
+    _write_run(a, 1e-3)
+    _write_run(b, 3e-3, steps=4, eval_every=4)
+    runs = {"a": viz.load_curves(a), "b": viz.load_curves(b)}
+    fig = viz.curves_figure(runs)
+    loss, lr, acc = fig.axes
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "learning rate", "eval accuracy"]
+    assert [line.get_label() for line in loss.lines] == ["a train", "a eval", "b train", "b eval"]
+    assert len(lr.lines) == 2 and len(acc.lines) == 2
+    np.testing.assert_allclose(loss.lines[0].get_ydata(), [5.0 / s for s in range(1, 7)])
+    np.testing.assert_allclose(loss.lines[1].get_xdata(), [3, 6])
+    np.testing.assert_allclose(lr.lines[1].get_ydata()[-1], 3e-3)
+
+
+def test_viz_curves_command_writes_the_png(tmp_path, capsys, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_run(a, 1e-3)
+    _write_run(b, 2e-3)
+    assert cli.main(["viz", "curves", str(a)]) == 0
+    with Image.open(a / "curves.png") as im:
+        assert im.size == (1200, 420)
+    out = tmp_path / "both.png"
+    assert cli.main(["viz", "curves", str(a), str(b), f"--out={out}", "--size=800x300"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (800, 300)
+    assert str(out) in capsys.readouterr().out
+    assert cli.main(["viz", "curves", str(a), str(tmp_path / "typo")]) == 2
+    assert "no run in" in capsys.readouterr().err

@@ -401,3 +401,78 @@ def test_sgd_optimizer_is_plain_sgd_with_the_schedule():
         assert float(schedule(step)) == pytest.approx(lr)
         updates, state = tx.update(grads, state, params)
         np.testing.assert_allclose(np.asarray(updates["embedding"]), -lr * 0.25, rtol=1e-6)
+
+
+def _word2vec_c_update(syn0, syn1neg, inputs, mask, targets, negatives, weights, alpha):
+    """word2vec.c's update for a batch, in float64, each example from the same starting tables
+    (a batch step sums them): CBOW/skip-gram with negative sampling, as in TrainModelThread.
+
+    neu1 = the mean of the cw input vectors; for the target (label 1) and each noise word that
+    is not the target (label 0): g = (label - σ(neu1·syn1neg[w]))·α, neu1e += g·syn1neg[w],
+    syn1neg[w] += g·neu1; then every input vector gets syn0[c] += neu1e, the full error (the
+    exact sigmoid here; word2vec.c tabulates it and clips |f| > 6, which these scores stay under).
+    """
+    d0, d1 = np.zeros_like(syn0), np.zeros_like(syn1neg)
+    for b in range(len(inputs)):
+        if weights[b] == 0:
+            continue
+        ctx = [int(w) for w, m in zip(inputs[b], mask[b]) if m]
+        neu1 = sum(syn0[w] for w in ctx) / len(ctx)
+        neu1e = np.zeros_like(neu1)
+        for d, (w, label) in enumerate([(targets[b], 1.0)] + [(n, 0.0) for n in negatives[b]]):
+            if d > 0 and w == targets[b]:
+                continue
+            f = neu1 @ syn1neg[w]
+            assert abs(f) < 6
+            g = (label - 1.0 / (1.0 + np.exp(-f))) * alpha
+            neu1e += g * syn1neg[w]
+            d1[w] += g * neu1
+        for w in ctx:
+            d0[w] += neu1e
+    return d0, d1
+
+
+@pytest.mark.parametrize("arch", ["cbow", "skipgram"])
+def test_update_is_word2vec_c(arch):
+    """One SGD step at α moves the tables exactly as word2vec.c would (float64 NumPy), CBOW
+    included: each context word gets the whole error of the averaged context, not 1/cw of it."""
+    from lmflax.models import Word2Vec
+
+    V, D, B, K, alpha = 40, 8, 6, 4, 0.05
+    cfg = Word2VecConfig(vocab_size=V, d_model=D, window=2, negatives=K, architecture=arch)
+    C = cfg.num_inputs
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, V, (B, C)).astype(np.int32)
+    mask = (np.arange(C)[None] < rng.integers(1, C + 1, (B, 1))).astype(np.float32)
+    if C > 1:
+        inputs[0, 1] = inputs[0, 0]  # a word twice in one window counts twice
+        mask[0, :2] = 1
+    targets = rng.integers(0, V, B).astype(np.int32)
+    negatives = np.stack(
+        [rng.choice(np.delete(np.arange(V), t), K, replace=False) for t in targets]
+    )
+    negatives[1, 2] = targets[1]  # a noise word equal to the target is skipped
+    negatives = negatives.astype(np.int32)
+    weights = np.array([1, 1, 1, 1, 1, 0], np.float32)  # the last is padding
+    params = {
+        "input_embed": {"embedding": rng.uniform(-0.5, 0.5, (V, D)).astype(np.float32)},
+        "output_embed": {"embedding": rng.uniform(-0.5, 0.5, (V, D)).astype(np.float32)},
+    }
+    model = Word2Vec(cfg)
+    cands = np.concatenate([targets[:, None], negatives], 1)
+
+    def loss(p):
+        logits = model.apply({"params": p}, inputs, mask, cands)
+        return negative_sampling_loss(logits, targets, negatives, weights)[0]
+
+    grads = jax.jit(jax.grad(loss))(params)
+    want0, want1 = _word2vec_c_update(
+        params["input_embed"]["embedding"].astype(np.float64),
+        params["output_embed"]["embedding"].astype(np.float64),
+        inputs, mask, targets, negatives, weights, alpha,
+    )  # fmt: skip
+    got0 = -alpha * np.asarray(grads["input_embed"]["embedding"], np.float64)
+    got1 = -alpha * np.asarray(grads["output_embed"]["embedding"], np.float64)
+    assert np.abs(want0).max() > 1e-3 and np.abs(want1).max() > 1e-3
+    np.testing.assert_allclose(got0, want0, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got1, want1, rtol=1e-5, atol=1e-7)

@@ -7,6 +7,7 @@
   lmflax viz       attention --workdir=DIR --sentence=TEXT [--layer=all] [--head=all]
   lmflax vectors   export | neighbors | evaluate ...
   lmflax config    show [--config=...] [--workdir=DIR]
+  lmflax data      prepare NAME [--data_dir=DIR]
 
 `python train.py ARGS` is `lmflax train ARGS`, and also accepts --eval_only, --generate and --plan
 (the older spellings of `lmflax eval`, `generate` and `plan`). Exit codes: 0 done, 1 runtime
@@ -16,26 +17,28 @@ failure (message on stderr), 2 bad config or command line (or a plan that does n
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-# jax's CUDA plugin (the test extra installs it to compile GPU programs on machines without one)
-# reports a missing CUDA runtime at start-up as an error with a traceback. Without an NVIDIA
-# driver it cannot run anyway: skip its version check so JAX falls back to the CPU quietly.
-# This must happen before jax is imported, hence before the imports below.
-if not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# First, before anything imports jax: without an NVIDIA driver, jax's CUDA plugin (which the test
+# extra installs to compile for GPUs) must skip its CUDA check (lmflax/config/jax_env.py).
+import lmflax.config.jax_env  # noqa: F401  # isort: split
 
-from lmflax.cli import common
-from lmflax.cli import config as config_cmd
-from lmflax.cli import eval as eval_cmd
-from lmflax.cli import generate as generate_cmd
-from lmflax.cli import plan as plan_cmd
-from lmflax.cli import train as train_cmd
-from lmflax.cli import vectors as vectors_cmd
-from lmflax.cli import viz as viz_cmd
+# C++ libraries loaded with jax write start-up lines to stderr that no setting turns off; the
+# known ones (no CUDA driver, no TPU here) are dropped while jax and the rest are imported.
+from lmflax.cli.quiet import native_stderr_filtered  # isort: split
+
+with native_stderr_filtered():
+    from lmflax.cli import common
+    from lmflax.cli import config as config_cmd
+    from lmflax.cli import data as data_cmd
+    from lmflax.cli import eval as eval_cmd
+    from lmflax.cli import generate as generate_cmd
+    from lmflax.cli import plan as plan_cmd
+    from lmflax.cli import train as train_cmd
+    from lmflax.cli import vectors as vectors_cmd
+    from lmflax.cli import viz as viz_cmd
 
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "train": (train_cmd, "train (or resume) a run from a config"),
@@ -45,6 +48,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "viz": (viz_cmd, "pictures of attention and embeddings"),
     "vectors": (vectors_cmd, "export, query and evaluate word vectors"),
     "config": (config_cmd, "print the resolved config"),
+    "data": (data_cmd, "prepare a TFDS dataset for lmflax (array_record, no TensorFlow)"),
 }
 
 

@@ -9,7 +9,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+import jax
+
 from lmflax import config as config_lib
+from lmflax.cli.quiet import native_stderr_filtered
 from lmflax.config import Config, ConfigError
 from lmflax.data.hub import CheckpointError
 from lmflax.data.sources import DataError
@@ -69,6 +72,26 @@ def setup_logging(quiet: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def start_backends() -> None:
+    """Starts JAX's backends (what the first `jax.devices()` does) without the native start-up
+    noise (`lmflax.cli.quiet`). Call it after jax.distributed.initialize, which must come
+    before any backend starts."""
+    with native_stderr_filtered():
+        jax.devices()
+
+
+def local_dir(value: str) -> str:
+    """A --workdir value: a local (or mounted) path. URLs such as gs://bucket/run are refused
+    by name rather than silently becoming a local folder called 'gs:'."""
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is a {scheme}:// URL; lmflax writes runs to local or mounted file "
+            "systems only (for a bucket, mount it, e.g. with gcsfuse, and pass the mount path)"
+        )
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that exits 2 with 'error: ...' like the rest of the CLI."""
 
@@ -84,7 +107,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, workdir_help: str) 
         default=None,
         help="config file FILE[:ARG], or a shipped config's name (default gpt_tiny)",
     )
-    parser.add_argument("--workdir", default=None, help=workdir_help)
+    parser.add_argument("--workdir", default=None, type=local_dir, help=workdir_help)
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="only warnings and the final summary"
     )

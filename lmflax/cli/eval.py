@@ -61,6 +61,7 @@ def main(
 ) -> int:
     """Prints the metrics table (and one JSON line) to stdout."""
     common.setup_logging(args.quiet)
+    common.start_backends()
     tfds.disable_progress_bar()
     out = stream or sys.stdout
     config = None

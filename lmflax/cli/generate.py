@@ -37,7 +37,10 @@ def describe(cfg: Config) -> str:
     """How text is generated under cfg.generate, in words."""
     g = cfg.generate
     if g.beam_size > 1:
-        return f"beam search, {g.beam_size} beams, length penalty {g.length_penalty}"
+        return (
+            f"beam search, {g.beam_size} beams, length penalty {g.length_penalty} "
+            f"({g.length_penalty_form}), early stopping {g.early_stopping}"
+        )
     if g.temperature == 0:
         return "greedy"
     return f"sampling, temperature {g.temperature}, top-k {g.top_k or 'off'}, top-p {g.top_p}"
@@ -73,6 +76,7 @@ def generate(
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     common.setup_logging(args.quiet)
+    common.start_backends()
     config, name = (None, None)
     workdir = args.workdir
     if workdir is None or not (Path(workdir) / "config.json").exists():

@@ -38,6 +38,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     common.setup_logging(args.quiet)
+    common.start_backends()
     cfg, name = common.load_config(args.config, overrides)
     _, report = plan.main(
         resolve(cfg), topology=args.topology, peak_tflops=args.peak_tflops, hbm_gbps=args.hbm_gbps

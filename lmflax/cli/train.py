@@ -57,6 +57,7 @@ def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         )
     except ValueError as e:  # contradictory cluster flags: nothing has started
         raise ConfigError(str(e)) from None
+    common.start_backends()
     if info["process_index"] != 0:
         # One voice per cluster: the other processes report only warnings and errors.
         logging.getLogger().setLevel(logging.WARNING)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmflax.cli import common
 from lmflax.train import Run
 from lmflax.vectors import (
     WordVectors,
@@ -45,7 +46,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of `lmflax vectors`."""
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ex = sub.add_parser("export", help="write a word2vec run's vectors to a file")
-    ex.add_argument("--workdir", required=True)
+    ex.add_argument("--workdir", required=True, type=common.local_dir)
     ex.add_argument("--out", required=True)
     ex.add_argument("--binary", action="store_true", help="word2vec binary instead of text")
     nb = sub.add_parser("neighbors", help="nearest neighbours of words")
@@ -62,6 +63,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     del overrides
     if args.command == "export":
+        common.start_backends()
         wv = from_workdir(args.workdir)
         write_vectors(args.out, wv, binary=args.binary)
         print(f"wrote {len(wv)} vectors of dimension {wv.dim} to {args.out}")

@@ -1,12 +1,18 @@
-"""`lmflax viz`: pictures of what a trained run learned.
+"""`lmflax viz`: pictures of what a trained run learned, and of how it trained.
 
+  lmflax viz curves runs/gpt_tiny                       # -> runs/gpt_tiny/curves.png
+  lmflax viz curves runs/a runs/b --out=compare.png     # several runs on one plot
   lmflax viz attention --workdir=runs/gpt_tiny --sentence="def add(a, b): return a + b"
-  lmflax viz attention --workdir=runs/gpt_tiny --sentence="..." --layer=all --head=all
+  lmflax viz attention --workdir=runs/gpt_tiny --sentence="..." --layer=all   # every head, a grid
   lmflax viz attention --workdir=runs/word2vec --words=list,tuple,dict,str,int,float,bytes
 
-For a Transformer run it writes one heatmap PNG per chosen layer and head (queries down, keys
-across, tokens on both axes) and a PCA projection of the sentence's token embeddings; for a
-word2vec run, the PCA projection of the chosen words' vectors (drawing: `lmflax.viz`).
+`curves` draws loss (training and eval), learning rate and an eval metric against the step,
+from each run's metrics.jsonl and eval_metrics.jsonl (a run also writes its own curves.png when
+it ends). `attention`, for a Transformer run, writes one heatmap PNG per chosen layer and head
+(queries down, keys across, tokens on both axes), or with --layer=all and no --head one grid of
+every head of every layer (attention_grid.png), and a PCA projection of the sentence's token
+embeddings; for a word2vec run, the PCA projection of the chosen words' vectors (drawing:
+`lmflax.viz`).
 """
 
 from __future__ import annotations
@@ -21,10 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmflax.cli import common
 from lmflax.config import ConfigError
 from lmflax.data.word2vec import split_words
 from lmflax.train import Run
-from lmflax.viz import plot_attention, plot_pca, run_with_attention
+from lmflax.viz import (
+    plot_attention,
+    plot_attention_grid,
+    plot_pca,
+    plot_workdir_curves,
+    run_with_attention,
+)
 
 log = logging.getLogger("lmflax")
 
@@ -69,13 +82,17 @@ def visualize(
     *,
     out: str | Path | None = None,
     layers: str = "0",
-    heads: str = "0",
+    heads: str | None = None,
     words: Sequence[str] | None = None,
-    size: tuple[int, int] = (640, 640),
+    size: tuple[int, int] | None = None,
 ) -> list[Path]:
     """Writes the pictures for the run in `workdir` (see the module docstring); returns them.
 
-    layers / heads: index lists ('0', '0,2') or 'all'."""
+    layers / heads: index lists ('0', '0,2') or 'all'. heads=None: head 0, except with
+    layers='all', which draws every head of every layer as one grid."""
+    grid = heads is None and layers == "all"
+    grid_size = size
+    size = size or (640, 640)
     run = Run.open(workdir, local_devices=True)
     out = Path(out or Path(workdir) / "viz")
     out.mkdir(parents=True, exist_ok=True)
@@ -108,9 +125,19 @@ def visualize(
     _, maps = run_with_attention(task.model, params, arr)
     if not maps:
         raise ValueError(f"the {type(task.model).__name__} model sowed no attention weights")
-    for l in _select(layers, len(maps), "layer"):
+    if grid:
+        written.append(
+            plot_attention_grid(
+                [(name, w[0]) for name, w in maps],
+                tokens,
+                out / "attention_grid.png",
+                title=f"attention of every layer and head (step {run.step})",
+                size=grid_size,
+            )
+        )
+    for l in [] if grid else _select(layers, len(maps), "layer"):
         name, w = maps[l]
-        for h in _select(heads, w.shape[1], "head"):
+        for h in _select(heads or "0", w.shape[1], "head"):
             written.append(
                 plot_attention(
                     w[0, h],
@@ -146,24 +173,67 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    att.add_argument("--workdir", required=True, help="a run directory (lmflax train --workdir)")
+    att.add_argument(
+        "--workdir",
+        required=True,
+        type=common.local_dir,
+        help="a run directory (lmflax train --workdir)",
+    )
     att.add_argument("--sentence", default=None, help="the text to run through the model")
     att.add_argument("--out", default=None, help="where to write (default WORKDIR/viz)")
     att.add_argument("--layer", default="0", help="layer index(es) or 'all' (default 0)")
-    att.add_argument("--head", default="0", help="head index(es) or 'all' (default 0)")
+    att.add_argument(
+        "--head",
+        default=None,
+        help="head index(es) or 'all' (default 0; with --layer=all, every head in one grid)",
+    )
     att.add_argument("--words", default=None, help="comma-separated words for the PCA plot")
-    att.add_argument("--size", default="640x640", help="image size in pixels, WxH")
+    att.add_argument("--size", default=None, help="image size in pixels, WxH (default 640x640)")
+    cur = sub.add_parser(
+        "curves",
+        help="loss, learning rate and eval curves of one or several runs as a PNG",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cur.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories")
+    cur.add_argument(
+        "--out",
+        default=None,
+        help="the PNG to write (default WORKDIR/curves.png for one run, curves.png for several)",
+    )
+    cur.add_argument("--size", default=None, help="image size in pixels, WxH (default 1200x420)")
     return parser
+
+
+def _size(spec: str | None) -> tuple[int, int] | None:
+    if spec is None:
+        return None
+    w, _, h = spec.partition("x")
+    try:
+        size = (int(w), int(h))
+    except ValueError:
+        raise ConfigError(f"--size takes WxH in pixels, got {spec!r}") from None
+    if min(size) < 16:
+        raise ConfigError(f"--size {spec!r} is too small: at least 16x16 pixels")
+    return size
 
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     del overrides
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(message)s", force=True)
-    try:
-        w, _, h = args.size.partition("x")
-        size = (int(w), int(h))
-    except ValueError:
-        raise ConfigError(f"--size takes WxH in pixels, got {args.size!r}") from None
+    if args.picture == "curves":
+        out = args.out or (
+            Path(args.workdirs[0]) / "curves.png" if len(args.workdirs) == 1 else "curves.png"
+        )
+        missing = [w for w in args.workdirs if not (Path(w) / "metrics.jsonl").exists()]
+        if missing:
+            raise ConfigError(
+                f"no run in {', '.join(missing)}: no metrics.jsonl (a run writes it as it trains)"
+            )
+        print(plot_workdir_curves(args.workdirs, out, size=_size(args.size) or (1200, 420)))
+        return 0
+    common.start_backends()
+    size = _size(args.size)
     words = [x for x in args.words.split(",") if x] if args.words else None
     paths = visualize(
         args.workdir,

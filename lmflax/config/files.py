@@ -23,25 +23,35 @@ from lmflax.config.schema import (
     TrainConfig,
 )
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent.parent / "configs" / "gpt_tiny.py"
+# The shipped configs are a subpackage (lmflax/configs, also reachable as the repository's
+# configs/ link), so they are addressable by name from an installed wheel too.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "gpt_tiny.py"
+
+
+def shipped_configs() -> list[str]:
+    """The names of the shipped configs ('gpt_tiny', 'finetune/sst2_roberta', ...)."""
+    return sorted(
+        p.relative_to(SHIPPED_CONFIGS).with_suffix("").as_posix()
+        for p in SHIPPED_CONFIGS.rglob("*.py")
+        if not p.name.startswith("_")
+    )
 
 
 def load_config_file(spec: str | None) -> tuple[Config, str]:
     """Loads 'FILE' or 'FILE:ARG' (get_config(ARG)). Returns the config and its name (file stem).
 
-    A bare preset name such as 'bert_tiny' is looked up in the repository's configs/ folder.
+    A bare name such as 'bert_tiny' (or 'finetune/NAME') is looked up among the shipped configs.
     """
     spec = spec or str(DEFAULT_CONFIG)
     path_text, _, arg = spec.partition(":")
     path = Path(path_text)
     if not path.exists() and not path.suffix:
-        candidate = DEFAULT_CONFIG.parent / f"{path_text}.py"
+        candidate = SHIPPED_CONFIGS / f"{path_text}.py"
         if candidate.exists():
             path = candidate
     if not path.exists():
-        shipped = sorted(
-            p.stem for p in DEFAULT_CONFIG.parent.glob("*.py") if not p.stem.startswith("_")
-        )
+        shipped = shipped_configs()
         raise ConfigError(
             f"config file {path_text!r} does not exist{suggest(path.stem, shipped)} "
             f"(shipped configs: {', '.join(shipped)})"

@@ -203,12 +203,24 @@ def _section_value(path: str, value: Any, tp: type) -> Any:
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
-    """Applies command-line overrides 'KEY=VALUE' (KEY dotted, without the 'config.' prefix)."""
+    """Applies command-line overrides 'KEY=VALUE' (KEY dotted, without the 'config.' prefix).
+
+    A whole section set after some of its keys (`model.lora.rank=8` then `model=hf:DIR`) would
+    silently drop them: that order is refused, naming both."""
+    earlier: dict[str, str] = {}  # section -> the first KEY set under it
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like KEY=VALUE")
         key, text = item.split("=", 1)
-        cfg = _set(cfg, key.split("."), text, key, parse=True)
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            earlier.setdefault(".".join(parts[:i]), key)
+        if key in earlier and earlier[key] != key:
+            raise ConfigError(
+                f"{key}={text} replaces the whole {key} section, which would drop the earlier "
+                f"{earlier[key]}=...; put {key}=... first"
+            )
+        cfg = _set(cfg, parts, text, key, parse=True)
     return cfg
 
 

@@ -11,6 +11,7 @@ task names, metric names, a Hugging Face directory on disk) happen once, in
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -97,11 +98,18 @@ class TaskConfig:
         return errs
 
 
+# generate.early_stopping -> lmflax.decode.beam_search's early_stopping.
+EARLY_STOPPING = {"exact": None, "true": True, "false": False, "never": "never"}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
     """How text is generated (`train.py --generate`, and seq2seq's evaluation after training).
 
-    beam_size > 1: beam search with GNMT's length_penalty alpha. beam_size 1: sampling with
+    beam_size > 1: beam search with length_penalty alpha, in length_penalty_form 'gnmt'
+    (((5 + n) / 6)^alpha) or 'hf' (n^alpha, transformers'); early_stopping 'exact' stops when no
+    live beam can win, 'true' / 'false' / 'never' are transformers' early_stopping rules (with
+    'hf', beam search then gives transformers' generate tokens). beam_size 1: sampling with
     temperature (0 = greedy), top_k (0 = off) and top_p (1.0 = off). max_new_tokens: 0 = the
     task's default (task.target_len for seq2seq, train.sample_tokens for a causal LM).
     eval_examples: examples of data.eval_split decoded and scored after training (0 = none);
@@ -110,6 +118,8 @@ class GenerateConfig:
 
     beam_size: int = 1
     length_penalty: float = 0.6
+    length_penalty_form: str = "gnmt"
+    early_stopping: str = "exact"
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -123,6 +133,8 @@ class GenerateConfig:
         finite_floats(errs, "generate", self)
         if self.beam_size < 1:
             errs.append(f"generate.beam_size must be >= 1, got {self.beam_size}")
+        one_of(errs, "generate.length_penalty_form", self.length_penalty_form, ("gnmt", "hf"))
+        one_of(errs, "generate.early_stopping", self.early_stopping, tuple(EARLY_STOPPING))
         if self.temperature < 0:
             errs.append(f"generate.temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -147,6 +159,16 @@ class DataConfig:
     num_shards: the global batch is read as this many data shards (0 = one per process when a
     run starts; a resumed run keeps its checkpoint's count). The data depends on it, never on the
     process count or mesh; see lmflax.data.shards.
+
+    Your own files (lmflax.data.files; converted once to ArrayRecord, cached by content hash):
+    dataset 'text:DIR_OR_GLOB' (text_per: 'file' = one document per file, 'line' = per line),
+    'jsonl:PATH', 'csv:PATH', 'tsv:PATH' or 'parquet:PATH' (a file, a directory or a glob), or
+    'KIND:train=PATH,validation=PATH' with a file per split. Without a validation file,
+    validation_fraction of the records (chosen by a hash of their content) become the
+    'validation' split. Columns: text_key (the text; a fine-tuning task's words or context),
+    label_key (a class name or id; a list of tags for tagging), others by `fields`
+    ('feature=column,...', e.g. 'question=query,answers=gold'). label_names: the label set in
+    id order (empty = the training rows' distinct labels, sorted).
     """
 
     dataset: str = "lmflax_pystdlib"
@@ -162,10 +184,15 @@ class DataConfig:
     prefetch_threads: int = 1
     download: bool = False
     num_shards: int = 0
+    text_per: str = "file"
+    label_key: str = "label"
+    label_names: tuple[str, ...] = ()
+    fields: str = ""
+    validation_fraction: float = 0.05
 
     def validate(self) -> list[str]:
         """The problems of this section as messages (empty = valid)."""
-        errs: list[str] = []
+        errs: list[str] = file_dataset_errors(self)
         if self.batch_size <= 0:
             errs.append(f"data.batch_size must be > 0, got {self.batch_size}")
         if self.seq_len <= 0:
@@ -182,6 +209,83 @@ class DataConfig:
         return errs
 
 
+# File datasets (`data.dataset='KIND:...'`, read by lmflax.data.files): the kinds, and the
+# prefixes a user might try that name no kind.
+FILE_KINDS = ("text", "jsonl", "csv", "tsv", "parquet")
+_NOT_FILE_KINDS = {
+    "json": "jsonl (one JSON object per line)",
+    "ndjson": "jsonl",
+    "jsonlines": "jsonl",
+    "txt": "text",
+    "hf-disk": "parquet (save with Dataset.to_parquet(PATH))",
+    "file": "text, jsonl, csv, tsv or parquet",
+}
+
+
+def file_dataset_splits(dataset: str) -> dict[str, str] | None:
+    """For 'KIND:SPEC', the split -> path pattern it names ('' = one set of files to carve the
+    validation split from); None when `dataset` is not a file dataset. ConfigError if SPEC is
+    malformed."""
+    kind, sep, rest = dataset.partition(":")
+    if not sep or kind not in FILE_KINDS:
+        return None
+    if not rest.strip():
+        raise ConfigError(f"data.dataset={dataset!r} names no file after {kind + ':'!r}")
+    if not re.match(r"^\w+=", rest):
+        return {"": rest}
+    splits: dict[str, str] = {}
+    for part in rest.split(","):
+        m = re.fullmatch(r"(\w+)=(.+)", part.strip())
+        if not m:
+            raise ConfigError(
+                f"data.dataset={dataset!r}: {part!r} is not SPLIT=PATH (e.g. "
+                f"'{kind}:train=a.{kind},validation=b.{kind}')"
+            )
+        if m.group(1) in splits:
+            raise ConfigError(f"data.dataset={dataset!r} names split {m.group(1)!r} twice")
+        splits[m.group(1)] = m.group(2)
+    if "train" not in splits:
+        raise ConfigError(
+            f"data.dataset={dataset!r} names splits {sorted(splits)} but no 'train' split"
+        )
+    return splits
+
+
+def field_map(fields: str) -> dict[str, str]:
+    """data.fields 'feature=column,...' as {feature: column}; ConfigError if malformed."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in fields.split(","))):
+        feature, sep, column = part.partition("=")
+        if not sep or not feature.strip() or not column.strip():
+            raise ConfigError(
+                f"data.fields entry {part!r} is not FEATURE=COLUMN (e.g. 'question=query')"
+            )
+        out[feature.strip()] = column.strip()
+    return out
+
+
+def file_dataset_errors(data: DataConfig) -> list[str]:
+    """Problems of the file-dataset settings of `data` (empty = none, or a TFDS name)."""
+    errs: list[str] = []
+    kind, sep, _ = data.dataset.partition(":")
+    if sep and kind in _NOT_FILE_KINDS:
+        errs.append(
+            f"data.dataset={data.dataset!r}: {kind + ':'!r} is not a file kind; use "
+            f"{_NOT_FILE_KINDS[kind]}; accepted: {', '.join(k + ':' for k in FILE_KINDS)}"
+        )
+    for check, value in ((file_dataset_splits, data.dataset), (field_map, data.fields)):
+        try:
+            check(value)
+        except ConfigError as e:
+            errs.append(str(e))
+    one_of(errs, "data.text_per", data.text_per, ("file", "line"))
+    if not 0.0 <= data.validation_fraction < 1.0:
+        errs.append(f"data.validation_fraction must be in [0, 1), got {data.validation_fraction}")
+    if len(set(data.label_names)) != len(data.label_names):
+        errs.append(f"data.label_names has repeated names: {data.label_names}")
+    return errs
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The loop: how long, how often to log/evaluate/checkpoint, what to print at the end.
@@ -194,6 +298,10 @@ class TrainConfig:
     bit-for-bit unchanged, and the skips are counted in the metrics); either way no update from a
     non-finite step is ever applied or saved.
     sample_tokens tokens are generated from sample_prompt at the end (0 = no sample).
+    writers: where logged values go, comma-separated: 'jsonl' (workdir/metrics.jsonl, which
+    `lmflax viz curves` and analysis read), 'tensorboard' (workdir/tensorboard), and
+    'python:MODULE:CALLABLE' for any other (a callable taking the workdir and returning an
+    object with write_scalars, write_texts, flush, close: a clu MetricWriter, a W&B adapter).
     """
 
     steps: int = 1000
@@ -210,6 +318,7 @@ class TrainConfig:
     sample_tokens: int = 64
     sample_temperature: float = 0.8
     progress: bool = True
+    writers: str = "jsonl,tensorboard"
 
     def validate(self) -> list[str]:
         """The problems of this section as messages (empty = valid)."""
@@ -230,6 +339,12 @@ class TrainConfig:
         one_of(errs, "train.nonfinite", self.nonfinite, ("stop", "skip"))
         if self.sample_temperature < 0:
             errs.append(f"train.sample_temperature must be >= 0, got {self.sample_temperature}")
+        for w in (x.strip() for x in self.writers.split(",")):
+            if w and w not in ("jsonl", "tensorboard") and not w.startswith("python:"):
+                errs.append(
+                    f"train.writers entry {w!r} is not a writer; accepted: jsonl, tensorboard, "
+                    f"python:MODULE:CALLABLE{suggest(w, ('jsonl', 'tensorboard'))}"
+                )
         return errs
 
 
@@ -441,6 +556,7 @@ def model_family(path: str, family: Any) -> type[ModelSection]:
 
 __all__ = [
     "DEFAULT_RULES",
+    "FILE_KINDS",
     "MODEL_FAMILIES",
     "Config",
     "ConfigError",
@@ -451,6 +567,8 @@ __all__ = [
     "OptimizerConfig",
     "TaskConfig",
     "TrainConfig",
+    "field_map",
+    "file_dataset_splits",
     "model_by_name",
     "model_family",
     "one_of",

@@ -1,5 +1,5 @@
 """The optax chain from config: clipping, AdamW (or plain SGD) with a warm-up + decay schedule,
-and weight decay on kernels and embeddings only."""
+and weight decay on kernels, embeddings and LoRA adapters only."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import optax
 
 from lmflax.config import OptimizerConfig
 
-_DECAYED = ("kernel", "embedding")
+_DECAYED = ("kernel", "embedding", "lora_a", "lora_b")  # LoRA adapters decay like kernels
 
 
 def make_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:

@@ -20,7 +20,7 @@ def _grads_and_metrics(
     state: TrainState, batch: dict[str, jax.Array], rng: jax.Array
 ) -> tuple[Any, dict[str, Metric]]:
     """Gradients of the summed loss and the metric sums, over grad_accum_steps micro-batches."""
-    grad_fn = jax.value_and_grad(state.loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(state.loss, has_aux=True)
     A = state.grad_accum_steps
     if A == 1:
         (_, metrics), grads = grad_fn(state.params, batch, rng, False)
@@ -79,5 +79,5 @@ def train_step(
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, Metric]:
     """Metric sums on one batch, deterministic (no dropout)."""
-    _, metrics = state.loss_fn(state.params, batch, jax.random.key(0), True)
+    _, metrics = state.loss(state.params, batch, jax.random.key(0), True)
     return metrics

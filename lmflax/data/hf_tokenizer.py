@@ -142,10 +142,13 @@ class HFTokenizer:
         self.backend.no_truncation()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> HFTokenizer:
+    def from_pretrained(
+        cls, path: str | Path, *, revision: str | None = None, subfolder: str | None = None
+    ) -> HFTokenizer:
         """Loads the tokenizer of a HF model directory (tokenizer.json, or vocab.txt, or
-        vocab.json + merges.txt, with tokenizer_config.json / special_tokens_map.json)."""
-        directory = model_dir(path)
+        vocab.json + merges.txt, with tokenizer_config.json / special_tokens_map.json), or of
+        a hub id found in the Hugging Face cache (see `lmflax.data.hub.model_dir`)."""
+        directory = model_dir(path, revision=revision, subfolder=subfolder)
         cfg = _read_optional_json(directory / "tokenizer_config.json")
         special_map = _read_optional_json(directory / "special_tokens_map.json")
         model_type = _read_optional_json(directory / "config.json").get("model_type")
@@ -192,7 +195,7 @@ class HFTokenizer:
         if not names:
             names = (
                 ("input_ids", "attention_mask")
-                if gpt2_like
+                if gpt2_like or model_type in _DECODER_MODEL_TYPES
                 else ("input_ids", "token_type_ids", "attention_mask")
             )
         return cls(
@@ -369,6 +372,12 @@ class HFTokenizer:
         )
 
 
-def load_tokenizer(path: str | Path) -> HFTokenizer:
-    """The tokenizer of a HF model directory (see `HFTokenizer.from_pretrained`)."""
-    return HFTokenizer.from_pretrained(path)
+# Decoder-only model types whose tokenizers (like GPT-2's) have no token type ids.
+_DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def load_tokenizer(
+    path: str | Path, *, revision: str | None = None, subfolder: str | None = None
+) -> HFTokenizer:
+    """The tokenizer of a HF model directory or hub id (see `HFTokenizer.from_pretrained`)."""
+    return HFTokenizer.from_pretrained(path, revision=revision, subfolder=subfolder)

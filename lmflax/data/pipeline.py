@@ -19,7 +19,7 @@ import grain.experimental as gx
 import numpy as np
 
 from lmflax.config import Config, DataConfig
-from lmflax.data import objectives, sources
+from lmflax.data import files, objectives, sources
 from lmflax.data.hf_tokenizer import load_tokenizer
 from lmflax.data.sources import DataError
 from lmflax.data.tokenizers import KINDS, Tokenizer, train_tokenizer
@@ -63,7 +63,8 @@ def tokenizer_for(data: DataConfig, vocab_size: int, default_kind: str = "bpe") 
     spec = data.tokenizer or default_kind
     if spec in KINDS:
         data_dir = data.data_dir or sources.default_data_dir()
-        name = re.sub(r"[^\w.-]", "_", f"{data.dataset}-{data.train_split}")
+        dataset = files.cache_name(data.dataset, data.data_dir)
+        name = re.sub(r"[^\w.-]", "_", f"{dataset}-{data.train_split}")
         path = (
             Path(data_dir)
             / "lmflax_tokenizers"

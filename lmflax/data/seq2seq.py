@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from lmflax.config import Config
-from lmflax.data import sources
+from lmflax.data import files, sources
 from lmflax.data.pipeline import documents, read_options, text_of, tokenizer_for
 from lmflax.data.sources import DataError
 from lmflax.data.tokenizers import KINDS, Tokenizer, train_tokenizer
@@ -86,7 +86,8 @@ def load_pair_tokenizer(cfg: Config) -> Tokenizer:
         name = re.sub(
             r"[^\w.+-]",
             "_",
-            f"{data.dataset}-{data.train_split}-{task.source_key}+{task.target_key}",
+            f"{files.cache_name(data.dataset, data.data_dir)}-{data.train_split}-"
+            f"{task.source_key}+{task.target_key}",
         )
         path = (
             Path(data_dir)

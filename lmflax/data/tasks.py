@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from lmflax.config import Config, ConfigError
-from lmflax.data import pipeline, sources
+from lmflax.data import files, pipeline, sources
 from lmflax.data.sources import DataError
 from lmflax.data.tokenizers import KINDS, Tokenizer, train_tokenizer
 
@@ -74,8 +74,14 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def dataset_spec(task: str, dataset: str) -> DatasetSpec:
-    """The spec of `dataset` for `task`; ConfigError naming both if the pair is unknown."""
+def dataset_spec(
+    task: str, dataset: str, *, text_key: str = "text", label_key: str = "label"
+) -> DatasetSpec:
+    """The spec of `dataset` for `task`; ConfigError naming both if the pair is unknown. A file
+    dataset ('csv:PATH', lmflax.data.files) serves any task, with the features `text_key`,
+    `label_key` (data.text_key, data.label_key), 'question' and 'answers'."""
+    if files.is_file_dataset(dataset):
+        return DatasetSpec(kind=task, text_key=text_key, label_key=label_key)
     known = sorted(n for n, s in DATASETS.items() if s.kind == task)
     spec = DATASETS.get(dataset)
     if spec is None:
@@ -96,7 +102,14 @@ def dataset_spec(task: str, dataset: str) -> DatasetSpec:
 def label_names(name: str, spec: DatasetSpec, data_dir: str | None) -> tuple[str, ...]:
     """The class (or tag) names of the dataset's label feature, from its TFDS info."""
     try:
-        features = tfds.builder(name, data_dir=data_dir or sources.default_data_dir()).info.features
+        if files.is_file_dataset(name):
+            features = files.builder(name, data_dir).info.features
+        else:
+            features = tfds.builder(
+                name, data_dir=data_dir or sources.default_data_dir()
+            ).info.features
+    except DataError:
+        raise
     except Exception as e:  # TFDS raises several types for unknown or unreadable datasets
         raise DataError(f"cannot read the features of TFDS dataset {name!r}: {e}") from None
     try:
@@ -186,7 +199,9 @@ def load_task_tokenizer(cfg: Config, spec: DatasetSpec) -> Tokenizer:
     digest = hashlib.sha256(str(len(source)).encode())
     for i in range(min(n, 64)):
         digest.update(training_texts(source[i], spec).encode())
-    name = re.sub(r"[^\w.-]", "_", f"{data.dataset}-{data.train_split}")
+    name = re.sub(
+        r"[^\w.-]", "_", f"{files.cache_name(data.dataset, data.data_dir)}-{data.train_split}"
+    )
     path = (
         Path(data.data_dir or sources.default_data_dir())
         / "lmflax_tokenizers"

@@ -34,7 +34,7 @@ import grain.experimental as gx
 import numpy as np
 
 from lmflax.config import Config, DataConfig
-from lmflax.data import pipeline, sources
+from lmflax.data import files, pipeline, sources
 from lmflax.data.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ def load_vocabulary(
     `data.tokenizer_train_docs` records (all of them if 0) and cached under
     data_dir/lmflax_vocabs as word counts, then cut to min_count / max_size."""
     data_dir = data.data_dir or sources.default_data_dir()
-    name = re.sub(r"[^\w.-]", "_", f"{data.dataset}-{data.train_split}-{data.text_key}")
+    dataset = files.cache_name(data.dataset, data.data_dir)
+    name = re.sub(r"[^\w.-]", "_", f"{dataset}-{data.train_split}-{data.text_key}")
     docs = data.tokenizer_train_docs
     path = (
         Path(data_dir)

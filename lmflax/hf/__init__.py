@@ -10,16 +10,26 @@
 Supported architectures: BertModel, BertForMaskedLM, BertForPreTraining (its MLM head),
 BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering;
 RobertaModel / XLMRobertaModel and their ForMaskedLM, ForSequenceClassification,
-ForTokenClassification, ForQuestionAnswering heads (lmflax RobertaConfig); DistilBertModel,
-DistilBertForMaskedLM, DistilBertForTokenClassification, DistilBertForQuestionAnswering (a
-BertConfig with type_vocab_size=0); GPT2Model and GPT2LMHeadModel (`ARCHITECTURES`). `model.init_from='hf:DIR'` in a
+ForTokenClassification, ForQuestionAnswering heads (lmflax.hf.roberta: RobertaConfig);
+DistilBertModel, DistilBertForMaskedLM, DistilBertForTokenClassification,
+DistilBertForQuestionAnswering (lmflax.hf.distilbert: a BertConfig with type_vocab_size=0);
+GPT2Model, GPT2LMHeadModel, and the Llama-family decoders LlamaForCausalLM, MistralForCausalLM
+and Qwen2ForCausalLM (lmflax.hf.llama), and the encoder-decoder T5ForConditionalGeneration,
+v1.0 and v1.1 (lmflax.hf.t5), BartForConditionalGeneration and MarianMTModel (lmflax.hf.bart).
+`model.init_from='hf:DIR'` in a
 training config starts from a checkpoint (see `init_params`).
 """
 
 from lmflax.config import register_model_names
 from lmflax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from lmflax.data.hub import CheckpointError
-from lmflax.hf import distilbert, roberta  # noqa: F401  (register their families)
+from lmflax.hf import (
+    bart,  # noqa: F401  (registers BartForConditionalGeneration, MarianMTModel)
+    distilbert,  # noqa: F401  (registers DistilBertModel and its heads)
+    llama,  # noqa: F401  (registers LlamaForCausalLM, Mistral, Qwen2)
+    roberta,  # noqa: F401  (registers RobertaModel, XLMRobertaModel and their heads)
+    t5,  # noqa: F401  (registers T5ForConditionalGeneration)
+)
 from lmflax.hf.convert import ARCHITECTURES
 from lmflax.hf.pretrained import (
     HF_SCHEME,

@@ -83,57 +83,46 @@ ARCHITECTURES = {
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A HF model family added from its own module (lmflax/hf/roberta.py, ...) by
-    `register_family`; the functions below dispatch to it for its architectures.
-
-    model_type: config.json's `model_type`. lmflax_family: the lmflax config family it loads as.
-    anchor: the first backbone tensor name after the base prefix ('embeddings.'). keys: lmflax
-    field -> HF config key (for mismatch messages). to_lmflax(arch, hf, names, source) ->
-    ModelConfig (CheckpointError for what lmflax cannot express). to_hf(arch, cfg, num_labels)
-    -> config.json dict. layout(arch, cfg, prefix, num_labels) -> Layout. build(arch, cfg,
-    num_labels) -> module. infer(tensor names) -> architecture name (config.json without
-    'architectures'). export_as(cfg, flat params) -> the architecture to export an lmflax model
-    as, or None when the model is not of this family.
-    """
+    """A HF model_type converted by its own module (e.g. lmflax.hf.llama), registered with
+    `register_family`: every function below hands that model_type's architectures to it."""
 
     model_type: str
-    lmflax_family: str
-    anchor: str
-    keys: Mapping[str, str]
-    to_lmflax: Callable[..., ModelConfig]
-    to_hf: Callable[..., dict[str, Any]]
-    layout: Callable[..., Layout]
-    build: Callable[..., nn.Module]
-    infer: Callable[[set[str]], str]
+    lmflax_family: str  # the lmflax model family its configs are ("gpt", "bert", ...)
+    anchor: str  # a backbone tensor name after the base prefix, e.g. "embed_tokens.weight"
+    config: Callable[[Architecture, Mapping[str, Any], Iterable[str], str], ModelConfig]
+    hf_config: Callable[[Architecture, ModelConfig, int | None], dict[str, Any]]
+    layout: Callable[[Architecture, ModelConfig, str, int | None], Layout]
+    build: Callable[[Architecture, ModelConfig, int | None], nn.Module]
+    describe: Callable[[str, Mapping[str, Any], Any], str]
+    # The architecture name to export a model of `lmflax_family` as, or None (not this family's).
     export_as: Callable[[ModelConfig, Mapping[Path_, Any]], str | None]
+    # The architecture of a checkpoint whose config.json lists none, from its tensor names;
+    # None: the family's first registered architecture with a head.
+    infer: Callable[[set[str]], str] | None = None
 
 
 FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family, architectures: Iterable[Architecture]) -> None:
-    """Adds a HF family and its architectures to the registry (each once)."""
-    for arch in architectures:
-        if arch.family != family.model_type:
-            raise ValueError(f"{arch.name} has family {arch.family!r}, not {family.model_type!r}")
-        if arch.name in ARCHITECTURES:
-            raise ValueError(f"architecture {arch.name} is registered twice")
-        ARCHITECTURES[arch.name] = arch
+    """Adds a HF model_type and its architectures to the registry."""
     FAMILIES[family.model_type] = family
+    for arch in architectures:
+        ARCHITECTURES[arch.name] = arch
 
 
 def lmflax_family(arch: Architecture) -> str:
-    """The lmflax model family an architecture loads as ('bert', 'gpt', 'roberta', ...)."""
+    """The lmflax model family an architecture loads as."""
     if arch.family in FAMILIES:
         return FAMILIES[arch.family].lmflax_family
     return {"bert": "bert", "gpt2": "gpt"}[arch.family]
 
 
 def unsupported(what: str, source: str) -> CheckpointError:
-    types = ", ".join(repr(t) for t in ("bert", "gpt2", *FAMILIES))
+    types = sorted({a.family for a in ARCHITECTURES.values()})
     return CheckpointError(
         f"{source}: architecture {what} is not supported; supported: "
-        f"{', '.join(ARCHITECTURES)} (model_type {types})"
+        f"{', '.join(ARCHITECTURES)} (model_type {', '.join(repr(t) for t in types)})"
     )
 
 
@@ -171,10 +160,19 @@ def resolve_architecture(
             elif model_type == "gpt2":
                 arch = ARCHITECTURES["GPT2LMHeadModel"]
             elif model_type in FAMILIES:
-                name = FAMILIES[model_type].infer(names)
-                if name not in ARCHITECTURES:
-                    raise unsupported(f"{name} (inferred from the tensor names)", source)
-                arch = ARCHITECTURES[name]
+                family = FAMILIES[model_type]
+                if family.infer is not None:
+                    name = family.infer(names)
+                    if name not in ARCHITECTURES:
+                        raise unsupported(f"{name} (inferred from the tensor names)", source)
+                    arch = ARCHITECTURES[name]
+                else:
+                    # A family's first registered architecture with a head is its default.
+                    arch = next(
+                        a
+                        for a in ARCHITECTURES.values()
+                        if a.family == model_type and a.head != "none"
+                    )
             else:
                 raise unsupported(f"of model_type {model_type!r} (no 'architectures' key)", source)
     if hf.get("model_type", arch.family) != arch.family:
@@ -211,6 +209,13 @@ GPT2_KEYS = {
     "activation": "activation_function",
     "tie_embeddings": "tie_word_embeddings",
 }
+# What neither HF BERT nor GPT-2 has (rotary scaling, split attention biases, windows).
+_PLAIN_ATTENTION = {
+    "rope_scaling": "none",
+    "sliding_window": None,
+    "resolved_qkv_bias": True,
+    "resolved_out_bias": True,
+}
 # What the HF implementations hard-wire, as lmflax fields.
 FIXED = {
     "bert": {
@@ -219,6 +224,7 @@ FIXED = {
         "position": "learned",
         "use_bias": True,
         "rope_base": None,
+        **_PLAIN_ATTENTION,
     },
     "gpt2": {
         "norm": "layernorm",
@@ -226,6 +232,7 @@ FIXED = {
         "position": "learned",
         "use_bias": True,
         "rope_base": None,
+        **_PLAIN_ATTENTION,
     },
 }
 # Fields that change shapes or numerics; a model initialised from a checkpoint must agree on
@@ -249,6 +256,24 @@ ARCH_FIELDS = (
     "position",
     "use_bias",
     "rope_base",
+    "rope_fraction",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_len",
+    "resolved_qkv_bias",
+    "resolved_out_bias",
+    "sliding_window",
+    # Encoder-decoders (lmflax.models.seq2seq); skipped for configs that lack them.
+    "decoder_layers",
+    "relative_buckets",
+    "relative_max_distance",
+    "scale_embeddings",
+    "scale_logits",
+    "sinusoidal_layout",
+    "embed_norm",
+    "logits_bias",
 )
 # Fields from_pretrained lets a caller override (they do not change the checkpoint's meaning).
 RUNTIME_FIELDS = (
@@ -285,7 +310,7 @@ def lmflax_config(
     has no lmflax equivalent). `names` are the checkpoint's tensor names (BERT's pooler is kept
     only where the checkpoint has one)."""
     if arch.family in FAMILIES:
-        return FAMILIES[arch.family].to_lmflax(arch, hf, names, source)
+        return FAMILIES[arch.family].config(arch, hf, names, source)
     if arch.family == "bert":
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(
@@ -339,9 +364,17 @@ def lmflax_config(
 def describe_hf_value(family: str, field: str, hf: Mapping[str, Any], derived: Any) -> str:
     """How a HF config expresses lmflax `field` (for mismatch messages)."""
     if family in FAMILIES:
-        keys = dict(FAMILIES[family].keys)
-    else:
-        keys = BERT_KEYS if family == "bert" else GPT2_KEYS
+        return FAMILIES[family].describe(field, hf, derived)
+    return describe_by_keys(
+        family, BERT_KEYS if family == "bert" else GPT2_KEYS, field, hf, derived
+    )
+
+
+def describe_by_keys(
+    family: str, keys: Mapping[str, str], field: str, hf: Mapping[str, Any], derived: Any
+) -> str:
+    """describe_hf_value for a family whose lmflax fields map to HF keys one to one (`keys`:
+    lmflax field -> HF key); a family's `describe` can be this with its keys bound."""
     width, heads = keys["d_model"], keys["num_heads"]
     if field == "resolved_kv_heads":
         return f"{derived} key/value heads ({heads}={hf.get(heads)!r}; {family} has no GQA/MQA)"
@@ -361,7 +394,7 @@ def hf_config(
     """The config.json for exporting `cfg` as `arch`; CheckpointError names any lmflax setting
     the HF implementation cannot express."""
     if arch.family in FAMILIES:
-        return FAMILIES[arch.family].to_hf(arch, cfg, num_labels)
+        return FAMILIES[arch.family].hf_config(arch, cfg, num_labels)
     if arch.family == "bert" and cfg.type_vocab_size == 0:
         raise CheckpointError(
             f"cannot export as {arch.name}: model.type_vocab_size=0 (HF BERT needs token-type "

@@ -10,6 +10,7 @@ DistilBertForSequenceClassification (pre_classifier + ReLU) has no lmflax module
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -225,9 +226,9 @@ convert.register_family(
         model_type="distilbert",
         lmflax_family="bert",
         anchor="embeddings.",
-        keys=KEYS,
-        to_lmflax=to_lmflax,
-        to_hf=to_hf,
+        describe=functools.partial(convert.describe_by_keys, "distilbert", KEYS),
+        config=to_lmflax,
+        hf_config=to_hf,
         layout=layout,
         build=build,
         infer=infer,

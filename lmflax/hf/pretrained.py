@@ -16,11 +16,12 @@ import numpy as np
 
 from lmflax.config import ConfigError
 from lmflax.data.hf_tokenizer import HFTokenizer
-from lmflax.data.hub import CheckpointError, model_dir, read_config
+from lmflax.data.hub import CheckpointError, is_hub_id, model_dir, read_config
 from lmflax.hf import convert
 from lmflax.hf.convert import ARCHITECTURES, Architecture
 from lmflax.hf.files import WeightSource, find_weights, write_json, write_safetensors
 from lmflax.models.config import ModelConfig
+from lmflax.models.seq2seq import EncoderDecoder
 from lmflax.nn import unbox, unstack_layers
 from lmflax.nn.util import as_dtype
 
@@ -48,8 +49,15 @@ class _Checkpoint:
         self.source.close()
 
     @classmethod
-    def open(cls, path: str | Path, architecture: str | None = None) -> _Checkpoint:
-        directory = model_dir(path)
+    def open(
+        cls,
+        path: str | Path,
+        architecture: str | None = None,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+    ) -> _Checkpoint:
+        directory = model_dir(path, revision=revision, subfolder=subfolder)
         hf = read_config(directory)
         where = str(directory / "config.json")
         if architecture is not None or hf.get("architectures"):
@@ -90,9 +98,9 @@ def _dummy_ids() -> jax.Array:
 
 def abstract_params(module: nn.Module) -> dict[str, Any]:
     """The module's parameter tree as ShapeDtypeStructs (nothing allocated)."""
-    variables = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), _dummy_ids(), deterministic=True)
-    )
+    # An encoder-decoder takes source and target ids; every other model one id array.
+    inputs = (_dummy_ids(),) * (2 if isinstance(module, EncoderDecoder) else 1)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs, deterministic=True))
     return unbox(variables)["params"]
 
 
@@ -146,12 +154,17 @@ def from_pretrained(
     architecture: str | None = None,
     dtype: str = "float32",
     param_dtype: str = "float32",
+    revision: str | None = None,
+    subfolder: str | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Loads a local Hugging Face model directory as an lmflax module and its parameters.
+    """Loads a Hugging Face model (a local directory or a hub id) as an lmflax module and its
+    parameters.
 
     path: a directory with config.json and model.safetensors (or a sharded index, or
-    pytorch_model.bin, read without torch). architecture: override config.json's
+    pytorch_model.bin, read without torch), or a hub id ('org/name', 'org/name@revision')
+    found in the Hugging Face cache, downloaded first unless HF_HUB_OFFLINE=1 (`revision`,
+    `subfolder` as in transformers). architecture: override config.json's
     `architectures[0]` (e.g. 'BertModel' to take only the encoder of a BertForMaskedLM).
     dtype / param_dtype: compute and storage dtypes. overrides: other settings that do not
     change the checkpoint's meaning: scan_layers, remat, attention_impl, dropout_rate,
@@ -171,7 +184,7 @@ def from_pretrained(
             f"from_pretrained got {', '.join(bad)}: the checkpoint's config.json fixes them; "
             f"accepted overrides: dtype, param_dtype, {', '.join(convert.RUNTIME_FIELDS[2:])}"
         )
-    with _Checkpoint.open(path, architecture) as ckpt:
+    with _Checkpoint.open(path, architecture, revision=revision, subfolder=subfolder) as ckpt:
         config = dataclasses.replace(ckpt.config, dtype=dtype, param_dtype=param_dtype, **overrides)
         errs = config.validate()
         if errs:
@@ -202,7 +215,9 @@ def model_config(path: str | Path, **overrides: Any) -> ModelConfig:
         )
     with _Checkpoint.open(path) as ckpt:
         config = ckpt.config
-    overrides.setdefault("init_from", f"{HF_SCHEME}{Path(path).expanduser().resolve()}")
+    # A hub id stays an id (portable between machines); a local path becomes absolute.
+    source = str(path) if is_hub_id(path) else str(Path(path).expanduser().resolve())
+    overrides.setdefault("init_from", f"{HF_SCHEME}{source}")
     return dataclasses.replace(config, **overrides)
 
 
@@ -215,7 +230,8 @@ def parse_init_from(spec: str) -> Path:
     if not isinstance(spec, str) or not spec.startswith(HF_SCHEME) or len(spec) == len(HF_SCHEME):
         raise ValueError(
             f"model.init_from is {spec!r}; accepted: 'hf:DIR' with DIR a Hugging Face model "
-            "directory (config.json + model.safetensors or pytorch_model.bin)"
+            "directory (config.json + model.safetensors or pytorch_model.bin), or 'hf:ORG/NAME' "
+            "(or 'hf:ORG/NAME@REVISION') for a hub id"
         )
     return Path(spec[len(HF_SCHEME) :]).expanduser()
 
@@ -242,9 +258,7 @@ def check_init_from(config: ModelConfig) -> list[str]:
             continue
         ours, want = getattr(config, field), getattr(theirs, field)
         if ours != want:
-            name = {"resolved_kv_heads": "num_kv_heads", "resolved_head_dim": "head_dim"}.get(
-                field, field
-            )
+            name = field.removeprefix("resolved_").replace("kv_heads", "num_kv_heads")
             verb = "resolves to" if field.startswith("resolved_") else "is"
             errs.append(
                 f"model.{name} {verb} {ours!r} but {directory / 'config.json'} has "
@@ -366,9 +380,10 @@ def _plain_params(params: Any) -> dict[str, Any]:
 
 def _architecture_of(config: ModelConfig, flat: Mapping[convert.Path_, Any]) -> Architecture:
     for family in convert.FAMILIES.values():
-        name = family.export_as(config, flat)
-        if name is not None:
-            return ARCHITECTURES[name]
+        if family.lmflax_family == config.family:
+            name = family.export_as(config, flat)
+            if name is not None:
+                return ARCHITECTURES[name]
     if config.family == "gpt":
         return ARCHITECTURES["GPT2LMHeadModel"]
     if config.family != "bert":

@@ -10,6 +10,7 @@ differ, so one lmflax config serves both (export as XLM-RoBERTa by naming the ar
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -222,9 +223,9 @@ for _type, _name in NAMES.items():
             model_type=_type,
             lmflax_family="roberta",
             anchor="embeddings.",
-            keys=KEYS,
-            to_lmflax=to_lmflax,
-            to_hf=to_hf,
+            describe=functools.partial(convert.describe_by_keys, _type, KEYS),
+            config=to_lmflax,
+            hf_config=to_hf,
             layout=layout,
             build=build,
             infer=_infer(_name),

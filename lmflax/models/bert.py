@@ -38,6 +38,11 @@ class BertConfig(ModelConfig):
             )
         if self.position != "learned":
             errs.append(f"BERT uses learned positions; model.position is {self.position!r}")
+        if self.sliding_window is not None:
+            errs.append(
+                f"model.sliding_window={self.sliding_window} is not supported for BERT: a "
+                "sliding window limits causal (decoder) self-attention only"
+            )
         if not self.tie_embeddings:
             errs.append(
                 "model.tie_embeddings=False is not supported for BERT: its MLM decoder is the "

@@ -28,12 +28,23 @@ from lmflax.nn import (
     Encoder,
     LearnedPositions,
     Linear,
+    make_norm,
     padding_mask,
     sinusoidal_positions,
 )
 from lmflax.nn.util import as_dtype, constrain, logical_param
 
 POSITIONS = ("sinusoidal", "learned", "relative", "rope", "none")
+SINUSOIDAL_LAYOUTS = ("interleaved", "halves")
+
+
+def sinusoidal_table(length: int, dim: int, layout: str = "interleaved") -> jax.Array:
+    """[length, dim] float32 sinusoids: the paper's interleaved table, or with layout='halves'
+    the same angles as sin(p / 10000^(2i/dim)) for i < dim/2 followed by their cosines."""
+    table = sinusoidal_positions(length, dim)
+    if layout == "halves":
+        table = jnp.concatenate([table[:, 0::2], table[:, 1::2]], axis=-1)
+    return table
 
 
 @register_model_config
@@ -47,6 +58,11 @@ class Seq2SeqConfig(ModelConfig):
     the bidirectional encoder; exact up to buckets/4 resp. /2, log-spaced up to the distance).
     scale_embeddings multiplies token embeddings by √D (and initialises them with std D^-½);
     scale_logits multiplies tied output logits by D^-½ (T5).
+    sinusoidal_layout: 'interleaved' (the paper's: sin, cos, sin, ... along the features) or
+    'halves' (all sines, then all cosines: Marian's).
+    embed_norm: a norm (of kind `norm`) on the embedded inputs of each stack, before its first
+    layer (BART's layernorm_embedding). logits_bias: a learned [V] bias added to the output
+    logits (BART's and Marian's final_logits_bias).
     """
 
     family = "seq2seq"
@@ -65,6 +81,9 @@ class Seq2SeqConfig(ModelConfig):
     relative_max_distance: int = 128
     scale_embeddings: bool = True
     scale_logits: bool = False
+    sinusoidal_layout: str = "interleaved"
+    embed_norm: bool = False
+    logits_bias: bool = False
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
 
@@ -83,6 +102,16 @@ class Seq2SeqConfig(ModelConfig):
             errs.append(
                 f"model.position is {self.position!r}; accepted for seq2seq: "
                 + ", ".join(repr(p) for p in POSITIONS)
+            )
+        if self.sinusoidal_layout not in SINUSOIDAL_LAYOUTS:
+            errs.append(
+                f"model.sinusoidal_layout is {self.sinusoidal_layout!r}; accepted: "
+                + ", ".join(repr(x) for x in SINUSOIDAL_LAYOUTS)
+            )
+        elif self.sinusoidal_layout != "interleaved" and self.position != "sinusoidal":
+            errs.append(
+                f"model.sinusoidal_layout={self.sinusoidal_layout!r} needs "
+                f"model.position='sinusoidal', got {self.position!r}"
             )
         if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
             errs.append(
@@ -206,6 +235,13 @@ class EncoderDecoder(nn.Module):
             )
             self.encoder_relative_bias = RelativePositionBias(bidirectional=True, **bias)
             self.decoder_relative_bias = RelativePositionBias(bidirectional=False, **bias)
+        if c.embed_norm:
+            self.encoder_embed_norm = make_norm(c.norm, eps=c.norm_eps, **common)
+            self.decoder_embed_norm = make_norm(c.norm, eps=c.norm_eps, **common)
+        if c.logits_bias:
+            self.final_logits_bias = self.param(
+                "final_logits_bias", nn.initializers.zeros_init(), (c.vocab_size,), c.param_dtype
+            )
         self.embed_dropout = nn.Dropout(c.dropout_rate)
         self.encoder = Encoder(c)
         self.decoder = Decoder(dataclasses.replace(c, num_layers=c.decoder_layers))
@@ -243,10 +279,14 @@ class EncoderDecoder(nn.Module):
         if c.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(c.d_model), x.dtype)
         if c.position == "sinusoidal":
-            pe = jnp.take(sinusoidal_positions(c.max_len, c.d_model), positions, axis=0)
+            pe = jnp.take(
+                sinusoidal_table(c.max_len, c.d_model, c.sinusoidal_layout), positions, axis=0
+            )
             x = x + pe.astype(x.dtype)
         elif c.position == "learned":
-            x = x + getattr(self, table)(positions)
+            x = x + getattr(self, f"{table}_position_embed")(positions)
+        if c.embed_norm:
+            x = getattr(self, f"{table}_embed_norm")(x)
         return x
 
     def encode(
@@ -260,7 +300,7 @@ class EncoderDecoder(nn.Module):
         else:
             positions = positions_from_mask(inputs_mask)
             mask = padding_mask(inputs_mask)
-        x = self._embed(inputs, positions, "encoder_position_embed")
+        x = self._embed(inputs, positions, "encoder")
         x = self.embed_dropout(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         bias = (
@@ -303,7 +343,7 @@ class EncoderDecoder(nn.Module):
                 if decoder_mask is not None
                 else jnp.broadcast_to(jnp.arange(T), decoder_inputs.shape)
             )
-        x = self._embed(decoder_inputs, decoder_positions, "decoder_position_embed")
+        x = self._embed(decoder_inputs, decoder_positions, "decoder")
         x = self.embed_dropout(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         bias = None
@@ -341,6 +381,8 @@ class EncoderDecoder(nn.Module):
                 logits = logits * jnp.asarray(c.d_model**-0.5, logits.dtype)
         else:
             logits = self.lm_head(hidden)
+        if c.logits_bias:
+            logits = logits + self.final_logits_bias.astype(logits.dtype)
         return constrain(logits, ("batch", "length", "vocab")).astype(as_dtype(c.dtype))
 
 

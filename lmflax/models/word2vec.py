@@ -3,7 +3,8 @@
 Two [V, D] tables: the input vectors (the word vectors one keeps; word2vec's syn0, initialised
 uniform in ±0.5/D) and the output vectors (syn1neg, initialised to zero). A training example
 scores its target word and K noise words against the input: the input word's vector (skip-gram)
-or the mean of the window's input vectors (CBOW).
+or the mean of the window's input vectors (CBOW), whose error is then added in full to each of
+those vectors, as word2vec.c and gensim do (`context_mean`).
 
 The config subclasses `ModelConfig` so that word2vec runs through the same config loading,
 trainer, checkpoints and workdir checks as the Transformers. `vocab_size` is the table size (the
@@ -83,13 +84,45 @@ class Word2VecConfig(ModelConfig):
         for f in dataclasses.fields(ModelConfig):
             if f.name in _USED:
                 continue
-            default = next(g for g in dataclasses.fields(self) if g.name == f.name).default
+            g = next(g for g in dataclasses.fields(self) if g.name == f.name)
+            default = g.default if g.default is not dataclasses.MISSING else g.default_factory()
             if getattr(self, f.name) != default:
                 errs.append(
                     f"model.{f.name}={getattr(self, f.name)!r} is a Transformer setting that "
                     f"word2vec does not use; leave it at {default!r}"
                 )
         return errs
+
+
+@jax.custom_vjp
+def context_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x [B, C, D], mask [B, C] -> the masked mean of the C vectors [B, D], with word2vec's
+    gradient: each unmasked input vector receives the *whole* gradient of the mean, not 1/count
+    of it.
+
+    This is word2vec.c's CBOW update (and gensim's with cbow_mean=1): the forward pass averages
+    the context vectors (neu1 /= cw), but the error accumulated for that average (neu1e) is then
+    added to every context vector unscaled. Differentiating through the mean would move each of
+    them by neu1e / cw, C times slower at the same α. For skip-gram (C = 1) both are the same.
+    """
+    return _masked_mean(x, mask)
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    mask = mask.astype(x.dtype)
+    return jnp.einsum("BCD,BC->BD", x, mask) / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+
+
+def _context_mean_fwd(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _masked_mean(x, mask), mask
+
+
+def _context_mean_bwd(mask: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    gx = g[:, None, :] * mask.astype(g.dtype)[:, :, None]  # [B, C, D]: neu1e to each input
+    return gx, jnp.zeros_like(mask)
+
+
+context_mean.defvjp(_context_mean_fwd, _context_mean_bwd)
 
 
 def _uniform(scale: float) -> nn.initializers.Initializer:
@@ -103,7 +136,8 @@ class Word2Vec(nn.Module):
     """inputs [B, C] int, input_mask [B, C], candidates [B, M] int -> logits [B, M] (float32).
 
     The input representation is the masked mean of the C input vectors (C = 1 for skip-gram);
-    logit m is its dot product with candidate m's output vector.
+    logit m is its dot product with candidate m's output vector. Gradients follow word2vec.c:
+    each of the C input vectors gets the full gradient of the mean (`context_mean`).
     """
 
     config: Word2VecConfig
@@ -121,10 +155,8 @@ class Word2Vec(nn.Module):
     def __call__(
         self, inputs: jax.Array, input_mask: jax.Array, candidates: jax.Array
     ) -> jax.Array:
-        dtype = as_dtype(self.config.dtype)
         x = self.input_embed(inputs)  # [B, C, D]
-        mask = input_mask.astype(dtype)
-        h = jnp.einsum("BCD,BC->BD", x, mask) / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+        h = context_mean(x, input_mask.astype(as_dtype(self.config.dtype)))  # word2vec's update
         u = self.output_embed(candidates)  # [B, M, D]
         return jnp.einsum("BD,BMD->BM", h, u).astype(jnp.float32)
 

@@ -36,7 +36,13 @@ from lmflax.nn.feedforward import ACTIVATIONS, FeedForward, activation_fn
 from lmflax.nn.kernels import SegmentIds
 from lmflax.nn.linear import Linear
 from lmflax.nn.norms import NORMS, LayerNorm, RMSNorm, make_norm
-from lmflax.nn.positional import LearnedPositions, apply_rope, sinusoidal_positions
+from lmflax.nn.positional import (
+    LearnedPositions,
+    RopeScaling,
+    apply_rope,
+    rope_frequencies,
+    sinusoidal_positions,
+)
 from lmflax.nn.util import DType, as_dtype, constrain, logical_param, unbox
 
 __all__ = [
@@ -56,6 +62,7 @@ __all__ = [
     "Linear",
     "MultiHeadAttention",
     "RMSNorm",
+    "RopeScaling",
     "SegmentIds",
     "StackConfig",
     "activation_fn",
@@ -72,6 +79,7 @@ __all__ = [
     "make_norm",
     "padding_mask",
     "remat_policy",
+    "rope_frequencies",
     "segment_mask",
     "sinusoidal_positions",
     "stack_layers",

@@ -15,20 +15,31 @@ import jax.numpy as jnp
 
 from lmflax.nn.kernels import KERNELS, SegmentIds, as_mask, fused_attention
 from lmflax.nn.linear import Linear, LinearParams, fused_linear
-from lmflax.nn.positional import apply_rope
+from lmflax.nn.positional import RopeScaling, apply_rope
 from lmflax.nn.util import DType, constrain
 
 IMPLEMENTATIONS = ("xla", *KERNELS)
 
 
-def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
-    """[1, 1, T, S] boolean: query i may attend key j iff j <= i + (S - T).
+def causal_mask(q_len: int, kv_len: int | None = None, window: int | None = None) -> jax.Array:
+    """[1, 1, T, S] boolean: query i may attend key j iff j <= i + (S - T), and with a sliding
+    `window` also j > i + (S - T) - window (the window most recent keys, itself included).
 
     With S > T the queries are the last T positions of the keys (decoding after a prefix).
     """
     S = q_len if kv_len is None else kv_len
     q_pos = jnp.arange(q_len)[:, None] + (S - q_len)
-    return (jnp.arange(S)[None, :] <= q_pos)[None, None]
+    return window_mask(q_pos, S, window)[None, None]
+
+
+def window_mask(q_pos: jax.Array, kv_len: int, window: int | None = None) -> jax.Array:
+    """q_pos [T, 1] (each query's key index) -> [T, S] boolean: key j is visible iff
+    j <= q_pos and (with a sliding window) j > q_pos - window."""
+    k_pos = jnp.arange(kv_len)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible = visible & (k_pos > q_pos - window)
+    return visible
 
 
 def padding_mask(kv_valid: jax.Array) -> jax.Array:
@@ -202,7 +213,12 @@ class MultiHeadAttention(nn.Module):
 
     Self-attention when `context` is None, cross-attention over `context` [B, S, Dc] otherwise.
     num_kv_heads: None = num_heads (MHA); a divisor of num_heads gives GQA, 1 gives MQA.
-    rope_base: if set, rotary position embedding is applied to queries and keys (self-attention).
+    rope_base: if set, rotary position embedding is applied to queries and keys (self-attention),
+    its frequencies rescaled as `rope_scaling` says.
+    qkv_bias / out_bias: whether the q/k/v and the output projections have biases (None =
+    use_bias; Qwen2 has q/k/v biases and none on the output).
+    sliding_window: with is_causal, each query sees only the `sliding_window` most recent keys
+    (itself included; Mistral), in full passes and against the cache alike.
     decode=True keeps a key/value cache in the 'cache' collection: the first (init) call sizes it
     from x's length; later calls append their T new positions and attend to everything cached.
     fused_qkv: self-attention with num_kv_heads == num_heads projects q, k and v with one
@@ -224,6 +240,10 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     rope_base: float | None = None
     rope_fraction: float = 1.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool | None = None
+    out_bias: bool | None = None
+    sliding_window: int | None = None
     implementation: str | None = None
     init_std: float = 0.02
     out_init_std: float | None = None
@@ -251,16 +271,18 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(problem)
         H = self.head_dim or D // N
         out_features = self.out_features or D
+        qkv_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
+        out_bias = self.use_bias if self.out_bias is None else self.out_bias
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
         dense = dict(
-            use_bias=self.use_bias,
+            use_bias=qkv_bias,
             init_std=self.init_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
         kv_in = x if context is None else context
-        param_kw = dict(
-            use_bias=self.use_bias, init_std=self.init_std, param_dtype=self.param_dtype
-        )
+        param_kw = dict(use_bias=qkv_bias, init_std=self.init_std, param_dtype=self.param_dtype)
 
         if self.fused_qkv and context is None and K == N:
             # One [D] x [3, N, H] matmul; the parameters stay query/key/value.
@@ -280,14 +302,17 @@ class MultiHeadAttention(nn.Module):
         if self.rope_base is not None and context is None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-            q = apply_rope(q, positions, base=self.rope_base, fraction=self.rope_fraction)
-            k = apply_rope(k, positions, base=self.rope_base, fraction=self.rope_fraction)
+            rope = dict(base=self.rope_base, fraction=self.rope_fraction, scaling=self.rope_scaling)
+            q = apply_rope(q, positions, **rope)
+            k = apply_rope(k, positions, **rope)
 
         if decode and context is None:
             k, v, mask = self._update_cache(k, v, mask, is_causal)
             is_causal = False
         elif decode:
             k, v = self._cross_cache(k, v)
+        elif is_causal and self.sliding_window is not None:
+            mask = combine_masks(mask, causal_mask(q.shape[1], k.shape[1], self.sliding_window))
 
         dropout_rng = None
         rate = 0.0 if deterministic else self.dropout_rate
@@ -318,7 +343,7 @@ class MultiHeadAttention(nn.Module):
             (out_features,),
             ("heads", "kv", "embed"),
             in_dims=2,
-            use_bias=self.use_bias,
+            use_bias=out_bias,
             init_std=out_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -352,7 +377,8 @@ class MultiHeadAttention(nn.Module):
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if not initialized:
             # The init call only sizes the cache; attend over x itself.
-            return k, v, combine_masks(mask, causal_mask(k.shape[1]) if is_causal else None)
+            causal = causal_mask(k.shape[1], window=self.sliding_window) if is_causal else None
+            return k, v, combine_masks(mask, causal)
         T = k.shape[1]
         S = cached_key.value.shape[1]
         i = index.value
@@ -365,5 +391,6 @@ class MultiHeadAttention(nn.Module):
         cached_key.value, cached_value.value = k, v
         index.value = i + T
         # New query t sits at absolute position i + t and sees cached keys 0..i+t.
-        visible = jnp.arange(S)[None, :] <= (i + jnp.arange(T))[:, None]
+        window = self.sliding_window if is_causal else None
+        visible = window_mask((i + jnp.arange(T))[:, None], S, window)
         return k, v, combine_masks(mask, visible[None, None])

@@ -30,6 +30,7 @@ from lmflax.nn.attention import (
 )
 from lmflax.nn.feedforward import FeedForward, activation_problems
 from lmflax.nn.norms import NORMS, make_norm
+from lmflax.nn.positional import RopeScaling
 from lmflax.nn.util import as_dtype, constrain
 
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots")
@@ -46,6 +47,12 @@ class StackConfig:
     fused_qkv: compute self-attention's q, k, v with one matmul (same parameters; MHA only).
     rope_base / rope_fraction: rotary positions in self-attention (None = off) on the first
     rope_fraction of each head's dimensions (GPT-NeoX's rotary_pct; 1.0 = all).
+    rope_scaling: 'none', 'linear' (frequencies / rope_scaling_factor) or 'llama3' (Llama 3.1's
+    banded rescaling, with rope_low_freq_factor, rope_high_freq_factor, rope_original_max_len);
+    see `lmflax.nn.positional.RopeScaling`.
+    qkv_bias / out_bias: biases on attention's q/k/v and output projections (None = use_bias,
+    which also governs the feed-forward's). sliding_window: causal self-attention sees only
+    the last sliding_window keys (None = all).
     `validate()` lists what is wrong (the layers raise the same messages when built).
     """
 
@@ -64,6 +71,14 @@ class StackConfig:
     attention_dropout_rate: float = 0.1
     rope_base: float | None = None
     rope_fraction: float = 1.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    qkv_bias: bool | None = None
+    out_bias: bool | None = None
+    sliding_window: int | None = None
     attention_impl: str | None = None
     init_std: float = 0.02
     scale_residual_init: bool = False
@@ -101,9 +116,37 @@ class StackConfig:
             )
         if not 0.0 < self.rope_fraction <= 1.0:
             errs.append(f"{prefix}rope_fraction must be in (0, 1], got {self.rope_fraction}")
+        errs += self.rope_scaling_spec.problems(f"{prefix}rope_scaling")
+        defaults = RopeScaling()
+        used = {"none": (), "linear": ("factor",), "llama3": tuple(_ROPE_SCALING_KEYS)}
+        for key, name in _ROPE_SCALING_KEYS.items():
+            value = getattr(self, name)
+            if key not in used.get(self.rope_scaling, ()) and value != getattr(defaults, key):
+                errs.append(
+                    f"{prefix}{name}={value} is not used with {prefix}rope_scaling="
+                    f"{self.rope_scaling!r}"
+                )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            errs.append(f"{prefix}sliding_window must be >= 1 or None, got {self.sliding_window}")
         if self.norm_eps <= 0:
             errs.append(f"{prefix}norm_eps must be > 0, got {self.norm_eps}")
         return errs
+
+    @property
+    def rope_scaling_spec(self) -> RopeScaling:
+        """The rope_* scaling fields as one `RopeScaling`."""
+        return RopeScaling(
+            **{key: getattr(self, name) for key, name in _ROPE_SCALING_KEYS.items()},
+            kind=self.rope_scaling,
+        )
+
+    @property
+    def resolved_qkv_bias(self) -> bool:
+        return self.use_bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def resolved_out_bias(self) -> bool:
+        return self.use_bias if self.out_bias is None else self.out_bias
 
     @property
     def resolved_head_dim(self) -> int:
@@ -115,6 +158,13 @@ class StackConfig:
 
 
 NORM_POSITIONS = ("pre", "post")
+# RopeScaling field -> StackConfig field.
+_ROPE_SCALING_KEYS = {
+    "factor": "rope_scaling_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_len": "rope_original_max_len",
+}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -159,6 +209,10 @@ class _Layer(nn.Module):
             dropout_rate=c.attention_dropout_rate,
             rope_base=c.rope_base if rope else None,
             rope_fraction=c.rope_fraction,
+            rope_scaling=c.rope_scaling_spec if rope and c.rope_scaling != "none" else None,
+            qkv_bias=c.resolved_qkv_bias,
+            out_bias=c.resolved_out_bias,
+            sliding_window=c.sliding_window if rope else None,
             implementation=c.attention_impl,
             fused_qkv=c.fused_qkv,
             init_std=c.init_std,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,19 +53,90 @@ class LearnedPositions(nn.Module):
         return out if out.ndim == 3 else out[None]
 
 
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE's frequencies are rescaled for longer contexts (Hugging Face's `rope_type`).
+
+    kind: 'none' (base^(-2i/R)), 'linear' (every frequency / factor: position interpolation) or
+    'llama3' (Llama 3.1: frequencies whose wavelength exceeds original_max_len / low_freq_factor
+    are divided by factor, those below original_max_len / high_freq_factor are kept, and the
+    band between is interpolated smoothly).
+    """
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def problems(self, prefix: str = "rope_scaling") -> list[str]:
+        """What is wrong with these settings (empty = nothing)."""
+        errs = []
+        if self.kind not in ROPE_SCALINGS:
+            errs.append(f"{prefix}={self.kind!r} is not supported; accepted: {ROPE_SCALINGS}")
+        if not self.factor > 0:
+            errs.append(f"{prefix}_factor must be > 0, got {self.factor}")
+        if self.kind == "llama3":
+            if not 0 < self.low_freq_factor < self.high_freq_factor:
+                errs.append(
+                    f"{prefix} 'llama3' needs 0 < low_freq_factor < high_freq_factor, got "
+                    f"{self.low_freq_factor} and {self.high_freq_factor}"
+                )
+            if self.original_max_len <= 0:
+                errs.append(
+                    f"{prefix} 'llama3' needs original_max_len > 0, got {self.original_max_len}"
+                )
+        return errs
+
+
+def rope_frequencies(
+    rotated: int, base: float = 10000.0, scaling: RopeScaling | None = None
+) -> jax.Array:
+    """The inverse frequencies [rotated / 2] float32 of RoPE on `rotated` features, rescaled
+    as `scaling` says."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotated, 2, dtype=jnp.float32) / rotated))
+    if scaling is None or scaling.kind == "none":
+        return inv_freq
+    for problem in scaling.problems():
+        raise ValueError(problem)
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # llama3
+    old = float(scaling.original_max_len)
+    low_wavelen = old / scaling.low_freq_factor
+    high_wavelen = old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
 def apply_rope(
-    x: jax.Array, positions: jax.Array, *, base: float = 10000.0, fraction: float = 1.0
+    x: jax.Array,
+    positions: jax.Array,
+    *,
+    base: float = 10000.0,
+    fraction: float = 1.0,
+    scaling: RopeScaling | None = None,
 ) -> jax.Array:
     """Rotates pairs of features of x [B, T, N, H] by angles positions [B, T] · base^(-2i/R).
 
     R = fraction · H features are rotated (the rest pass through). Pairs are (i, i + R/2), the
-    "rotate half" layout of GPT-NeoX and Llama. Computed in float32, returned in x's dtype.
+    "rotate half" layout of GPT-NeoX and Llama. `scaling` rescales the frequencies
+    (`rope_frequencies`). Computed in float32, returned in x's dtype.
     """
     H = x.shape[-1]
     R = int(H * fraction)
     if R % 2 or R == 0:
         raise ValueError(f"RoPE needs an even number of rotated features, got {R} of head_dim {H}")
-    inv_freq = 1.0 / (base ** (jnp.arange(0, R, 2, dtype=jnp.float32) / R))
+    inv_freq = rope_frequencies(R, base, scaling)
     angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
     sin = jnp.sin(angle)[:, :, None, :]
     cos = jnp.cos(angle)[:, :, None, :]

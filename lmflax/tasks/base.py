@@ -13,6 +13,7 @@ import numpy as np
 
 from lmflax.config import Config
 from lmflax.core.losses import Metric
+from lmflax.data import files
 from lmflax.data.pipeline import tokenizer_for
 from lmflax.data.tokenizers import Tokenizer
 
@@ -36,6 +37,7 @@ class Task(abc.ABC):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        files.use(cfg)  # a file dataset (data.dataset='csv:...') is read with this task's fields
         self._tokenizer: Tokenizer | None = None
         self.model = self.build_model()
 

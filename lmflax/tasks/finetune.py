@@ -57,7 +57,9 @@ class FinetuneTask(Task):
     row_shapes: ClassVar[dict[str, tuple[str, ...]]]
 
     def __init__(self, cfg: Config):
-        self.spec = data_tasks.dataset_spec(self.name, cfg.data.dataset)
+        self.spec = data_tasks.dataset_spec(
+            self.name, cfg.data.dataset, text_key=cfg.data.text_key, label_key=cfg.data.label_key
+        )
         errs = self.config_errors(cfg)
         if errs:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

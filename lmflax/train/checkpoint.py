@@ -2,9 +2,11 @@
 
 Saves are asynchronous (training continues while arrays are written); orbax writes each step to
 a temporary directory and renames it when complete, so an interrupted save never looks finished.
-Once a step is finished, its files' SHA-256 sums are recorded in `lmflax_checksums.json` inside
-it; `restore_latest` verifies them and falls back to an older checkpoint (moving the damaged one
-aside, never deleting it) rather than loading different values.
+The SHA-256 sums of a step's files are written into it (`lmflax_checksums.json`) in orbax's
+commit step, after every file is written and before the rename: a checkpoint counts as finished
+only with its checksums. `restore_latest` verifies them and falls back to an older checkpoint
+(moving the damaged one aside, never deleting it) rather than loading different values; with
+`verify=False` it loads the newest one, moved-aside ones included, with a warning.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
-import threading
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from lmflax.data.pipeline import state_from_json
 log = logging.getLogger(__name__)
 
 CHECKSUMS = "lmflax_checksums.json"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax names a step's directory this until it is finished
 
 
 class CheckpointIntegrityError(RuntimeError):
@@ -46,31 +50,134 @@ def _files(step_dir: Path) -> list[Path]:
     return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
+# orbax's step metadata: orbax adds its commit time to it in the rename step, after the sums are
+# written, so its sum covers its JSON without that one field.
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+_COMMIT_TIME = "commit_timestamp_nsecs"
+
+
+def _fingerprint(path: Path) -> tuple[int, str]:
+    """(size, SHA-256) of a file; (-1, SHA-256 of canonical JSON without the commit time) for
+    orbax's step metadata (-1 if that file is not valid JSON: it then differs from any record)."""
+    if path.name != _STEP_METADATA:
+        return path.stat().st_size, _sha256(path)
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return -1, "not valid JSON"
+    if isinstance(meta, dict):
+        meta.pop(_COMMIT_TIME, None)
+    return -1, hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
 def record_checksums(step_dir: Path) -> None:
-    """Writes {relative path: [size, sha256]} for every file of a finished checkpoint."""
-    sums = {str(p.relative_to(step_dir)): [p.stat().st_size, _sha256(p)] for p in _files(step_dir)}
+    """Writes {relative path: [size, sha256]} for every file of a checkpoint being committed."""
+    sums = {str(p.relative_to(step_dir)): list(_fingerprint(p)) for p in _files(step_dir)}
     tmp = step_dir / (CHECKSUMS + ".tmp")
-    tmp.write_text(json.dumps(sums, indent=1, sort_keys=True))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(sums, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(step_dir / CHECKSUMS)
 
 
-def verify_checksums(step_dir: Path) -> bool:
-    """True if every recorded file is present with its size and SHA-256; False if no sums were
-    recorded (the process stopped between finishing the save and recording them). Raises
-    CheckpointIntegrityError naming the first file that differs."""
+def _read_checksums(step_dir: Path) -> dict[str, tuple[int, str]]:
+    """The recorded {relative path: (size, sha256)}; CheckpointIntegrityError if the file is
+    missing or is not what `record_checksums` writes (damaged like any other file)."""
     path = step_dir / CHECKSUMS
-    if not path.exists():
-        return False
-    sums = json.loads(path.read_text())
-    for rel, (size, digest) in sorted(sums.items()):
+    if not path.is_file():
+        raise CheckpointIntegrityError(
+            f"{path} is missing (every finished checkpoint has one, written before the "
+            "checkpoint is renamed to its final name)"
+        )
+    try:
+        sums = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointIntegrityError(f"{path} is not valid JSON ({e})") from None
+    out: dict[str, tuple[int, str]] = {}
+    if not isinstance(sums, dict):
+        raise CheckpointIntegrityError(f"{path} holds a {type(sums).__name__}, not a JSON object")
+    root = step_dir.resolve()
+    for rel, entry in sums.items():
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], int)
+            and isinstance(entry[1], str)
+            and (step_dir / rel).resolve().is_relative_to(root)
+        )
+        if not ok:
+            raise CheckpointIntegrityError(
+                f"{path} has a malformed entry {rel!r}: {entry!r} (expected [size, sha256] for a "
+                "file inside the checkpoint)"
+            )
+        out[rel] = (entry[0], entry[1])
+    if not out:
+        raise CheckpointIntegrityError(f"{path} records no files")
+    return out
+
+
+def verify_checksums(step_dir: Path) -> bool:
+    """True if every recorded file is present with its size and SHA-256. Raises
+    CheckpointIntegrityError naming the first file that differs, or the checksum file itself when
+    it is missing or damaged."""
+    for rel, (size, digest) in sorted(_read_checksums(step_dir).items()):
         f = step_dir / rel
         if not f.is_file():
             raise CheckpointIntegrityError(f"{f} is missing")
-        if f.stat().st_size != size:
+        if size >= 0 and f.stat().st_size != size:
             raise CheckpointIntegrityError(f"{f} is {f.stat().st_size} bytes, {size} when saved")
-        if _sha256(f) != digest:
+        if _fingerprint(f)[1] != digest:
             raise CheckpointIntegrityError(f"{f} does not match its SHA-256 recorded when saved")
     return True
+
+
+class _QuietOrbaxFailures(logging.Filter):
+    """A failed background save (a full disk) makes orbax log the same error with its traceback
+    from several threads, hundreds of lines in all; lmflax reports it once, with what is still
+    intact, when it surfaces (`check_errors`, `wait`). Those records go to lmflax's DEBUG log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            log.debug("orbax: %s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
+def _is_closed_loop(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _quiet_orbax_failures() -> None:
+    """Keeps orbax's own reports of a failed background save out of the log: its ERROR records
+    (see `_QuietOrbaxFailures`) and the 'Event loop is closed' tracebacks that tensorstore's
+    threads print (through sys.excepthook or sys.unraisablehook) when a write completes after
+    orbax has given up on the save."""
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbaxFailures) for f in absl.filters):
+        absl.addFilter(_QuietOrbaxFailures())
+    if not getattr(sys.excepthook, "lmflax_quiet", False):
+        previous_except = sys.excepthook
+
+        def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+            if _is_closed_loop(value):
+                log.debug("a write finished after its save had failed: %s", value)
+                return
+            previous_except(kind, value, tb)
+
+        excepthook.lmflax_quiet = True  # type: ignore[attr-defined]
+        sys.excepthook = excepthook
+    if not getattr(sys.unraisablehook, "lmflax_quiet", False):
+        previous_unraisable = sys.unraisablehook
+
+        def unraisablehook(unraisable: Any) -> None:
+            if _is_closed_loop(unraisable.exc_value):
+                log.debug("a write finished after its save had failed: %s", unraisable.exc_value)
+                return
+            previous_unraisable(unraisable)
+
+        unraisablehook.lmflax_quiet = True  # type: ignore[attr-defined]
+        sys.unraisablehook = unraisablehook
 
 
 class Checkpointer:
@@ -81,6 +188,8 @@ class Checkpointer:
     Every process of a multi-host run calls save/restore: orbax writes each array's shards from
     the processes that hold them and restores into whatever shardings the target asks for.
     Retention: the newest `keep` survive, plus every step divisible by `keep_every` (0 = none).
+    read_only: for inspecting a run (possibly while it trains): never saves, deletes, or cleans
+    up the unfinished directory of a save in progress.
     """
 
     def __init__(
@@ -90,20 +199,23 @@ class Checkpointer:
         keep: int,
         keep_every: int = 0,
         verify: bool = True,
-        async_save: bool = True,
+        read_only: bool = False,
     ):
         self.directory = Path(directory).absolute()
         self.verify = verify
-        self._lock = threading.Lock()
+        self.read_only = read_only
+        self._saving: int | None = None  # the step whose save is in flight
+        _quiet_orbax_failures()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            keep_period=keep_every or None,
-            create=True,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._record_finished)
-            if async_save
-            else None,
+            max_to_keep=None if read_only else keep,
+            keep_period=None if read_only else keep_every or None,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=not read_only,
+            # Runs in orbax's commit step, after every item is written and before the rename
+            # that makes the checkpoint visible (orbax's async_checkpointer), on process 0.
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._record_committing),
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -115,20 +227,17 @@ class Checkpointer:
             },
         )
 
-    def _record_finished(self) -> None:
-        """Called by orbax after each save is finalized: sums for finished steps lacking them."""
-        if jax.process_index() != 0:
+    def _record_committing(self) -> None:
+        """Writes the checksums of the step being committed into its temporary directory, so the
+        rename that finishes it also publishes its sums (there is no finished checkpoint without
+        them; a kill before the rename leaves an unfinished directory, which is never restored)."""
+        if jax.process_index() != 0 or self._saving is None:
             return
-        with self._lock:
-            # Finished steps are the directories named by a bare number: orbax writes into a
-            # temporary name and renames on success.
-            for step_dir in self.directory.iterdir():
-                if (
-                    step_dir.name.isdigit()
-                    and step_dir.is_dir()
-                    and not (step_dir / CHECKSUMS).exists()
-                ):
-                    record_checksums(step_dir)
+        step = self._saving
+        tmp = self.directory / f"{step}{TMP_SUFFIX}"
+        # Without a temporary directory (atomicity by commit file, e.g. on GCS) the step is
+        # written in place and becomes finished when orbax writes its commit file, after this.
+        record_checksums(tmp if tmp.is_dir() else self.directory / str(step))
 
     def latest_step(self) -> int | None:
         """The newest finished checkpoint's step, or None."""
@@ -136,6 +245,26 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def finished_steps(self) -> list[int]:
+        """The finished checkpoints on disk now (final name and checksums), read from the
+        directory itself rather than orbax's bookkeeping, which a failed save can leave stale."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            int(p.name)
+            for p in self.directory.iterdir()
+            if p.name.isdigit() and (p / CHECKSUMS).is_file()
+        )
+
+    def set_aside(self) -> list[tuple[int, Path]]:
+        """Checkpoints moved aside as damaged (`<step>.corrupt-<time>`), newest step first."""
+        found = []
+        for p in self.directory.glob("*.corrupt-*") if self.directory.is_dir() else []:
+            step, _, _ = p.name.partition(".corrupt-")
+            if step.isdigit() and p.is_dir():
+                found.append((int(step), p))
+        return sorted(found, key=lambda x: (x[0], x[1].name), reverse=True)
 
     def check_errors(self) -> None:
         """Raises the error of an asynchronous save that failed since the last check."""
@@ -156,9 +285,15 @@ class Checkpointer:
     ) -> bool:
         """Starts saving (returns once arrays are copied off the accelerator). Returns whether a
         save was started."""
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only; it cannot save")
         args = {"state": ocp.args.StandardSave(state_arrays), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             args["data"] = _DataSave(_IteratorSnapshot(data_iter))
+        # orbax waits for the previous save to finish before starting this one, so one step is
+        # in flight at a time: the commit callback records this step's sums.
+        self.manager.wait_until_finished()
+        self._saving = step
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any) -> tuple[Any, dict[str, Any]]:
@@ -170,47 +305,91 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"], restored["meta"]
 
+    def _move_aside(self, step: int) -> Path:
+        step_dir = self.directory / str(step)
+        aside = step_dir.with_name(f"{step}.corrupt-{int(time.time())}")
+        n = 1
+        while aside.exists():
+            aside = step_dir.with_name(f"{step}.corrupt-{int(time.time())}-{n}")
+            n += 1
+        if jax.process_index() == 0:
+            step_dir.rename(aside)
+        return aside
+
+    def _unverified_candidate(self) -> int | None:
+        """verify=False: the newest checkpoint, finished or moved aside, put back under its step
+        name (so orbax can read it) when it was moved aside. Loud: it may hold damaged values."""
+        finished = self.all_steps()
+        aside = self.set_aside()
+        newest = max(finished, default=None)
+        if aside and (newest is None or aside[0][0] > newest):
+            step, path = aside[0]
+            if jax.process_index() == 0:
+                path.rename(self.directory / str(step))
+            self.manager.reload()
+            log.warning(
+                "train.verify_checkpoints=false: restoring checkpoint step %d UNVERIFIED from %s "
+                "(it failed verification earlier and was moved aside; now moved back to %s)",
+                step,
+                path,
+                self.directory / str(step),
+            )
+            return step
+        if newest is not None:
+            log.warning(
+                "train.verify_checkpoints=false: restoring checkpoint step %d of %s UNVERIFIED "
+                "(its checksums are not checked)",
+                newest,
+                self.directory,
+            )
+        return newest
+
     def restore_latest(
         self, abstract_state: Any, data_iter: Any
     ) -> tuple[int, Any, dict[str, Any]] | None:
         """Restores the newest checkpoint that verifies: (step, arrays, meta), or None if there
-        is no checkpoint. A damaged one is moved aside to `<step>.corrupt-<time>` and the next
-        older one is tried, with a warning naming the file. Raises CheckpointIntegrityError when
-        checkpoints exist but none verifies."""
+        is no checkpoint. A damaged one (a file, or its checksum file, missing or different) is
+        moved aside to `<step>.corrupt-<time>` and the next older one is tried, with a warning
+        naming the file. Raises CheckpointIntegrityError when checkpoints exist (moved-aside ones
+        included) but none verifies. verify=False: the newest one, moved-aside ones included,
+        loaded with a warning."""
+        if not self.verify:
+            step = self._unverified_candidate()
+            if step is None:
+                return None
+            arrays, meta = self.restore(step, abstract_state, data_iter)
+            return step, arrays, meta
         damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = self.directory / str(step)
-            if self.verify:
-                try:
-                    if not verify_checksums(step_dir):
-                        log.warning(
-                            "checkpoint %s has no recorded checksums (the run stopped right after "
-                            "saving it); restoring it unverified",
-                            step_dir,
-                        )
-                except CheckpointIntegrityError as e:
-                    aside = step_dir.with_name(f"{step}.corrupt-{int(time.time())}")
-                    if jax.process_index() == 0:
-                        step_dir.rename(aside)
-                    log.error("checkpoint step %d is damaged (%s); moved to %s", step, e, aside)
-                    damaged.append(f"step {step}: {e}")
-                    self.manager.reload()
-                    continue
+            try:
+                verify_checksums(step_dir)
+            except CheckpointIntegrityError as e:
+                aside = self._move_aside(step)
+                log.error("checkpoint step %d is damaged (%s); moved to %s", step, e, aside)
+                damaged.append(f"step {step}: {e}")
+                self.manager.reload()
+                continue
             arrays, meta = self.restore(step, abstract_state, data_iter)
             if damaged:
                 log.warning("fell back to checkpoint step %d", step)
             return step, arrays, meta
-        if damaged:
+        aside = self.set_aside()
+        if damaged or aside:
             raise CheckpointIntegrityError(
-                "no checkpoint verifies: " + "; ".join(damaged) + ". Damaged checkpoints were "
-                "moved aside, not deleted; set train.verify_checkpoints=false to load one anyway"
+                "no checkpoint verifies"
+                + (": " + "; ".join(damaged) if damaged else "")
+                + ". Damaged checkpoints are kept (moved aside, not deleted): "
+                + ", ".join(str(p) for _, p in aside)
+                + ". Starting over would discard them, so the run stops. To load the newest "
+                "anyway, unverified, rerun the same command with "
+                "--config.train.verify_checkpoints=false; to start afresh, use a new --workdir"
             )
         return None
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has finished (raising its error if it failed)."""
         self.manager.wait_until_finished()
-        self._record_finished()
 
     def close(self) -> None:
         try:

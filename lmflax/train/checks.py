@@ -15,6 +15,7 @@ from lmflax.config import Config, ConfigError, one_of
 from lmflax.evaluate.generation import METRICS
 from lmflax.hf import check_init_from
 from lmflax.tasks import TASKS
+from lmflax.train.metrics import plugin_problems
 
 
 def resolve(cfg: Config) -> Config:
@@ -41,6 +42,7 @@ def _resolve(cfg: Config) -> Config:
         one_of(errs, "task.metrics entry", m, METRICS)
     if getattr(cfg.model, "init_from", None) is not None:
         errs += check_init_from(cfg.model)
+    errs += plugin_problems(cfg.train.writers)
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     return cfg

@@ -50,7 +50,7 @@ def _eval_outputs_fn(trainer: Any) -> Any:
         replicated = NamedSharding(trainer.mesh, PartitionSpec())
         cache[key] = jax.jit(
             trainer.task.eval_outputs,
-            in_shardings=(trainer.state_shardings.params, trainer.batch_sharding),
+            in_shardings=(trainer.model_param_shardings(), trainer.batch_sharding),
             out_shardings=(replicated, trainer.batch_sharding),
         )
     return cache[key]
@@ -81,10 +81,11 @@ def evaluate_split(
     batch_spec = trainer.batch_sharding.spec
     collector = task.collector()
     sums = None
+    params = trainer.model_params(state)
     for b in range(batches):
         chunk = rows[b * per_process : (b + 1) * per_process]
         batch = trainer.global_batch(task.collate(chunk, per_process))
-        device_sums, predictions = fn(state.params, batch)
+        device_sums, predictions = fn(params, batch)
         sums = device_sums if sums is None else _add(sums, device_sums)
         local = multihost_utils.global_array_to_host_local_array(
             predictions, trainer.mesh, batch_spec

@@ -7,12 +7,15 @@ run(config, workdir): validate -> build task/model/data -> mesh and shardings ->
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +25,20 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lmflax import config as config_lib
+from lmflax import viz
 from lmflax.config import Config, ConfigError
 from lmflax.core.losses import finalize
 from lmflax.core.state import TrainState
 from lmflax.data import sources
+from lmflax.hf import adapters
 from lmflax.parallel import validate_devices
 from lmflax.train import plan
-from lmflax.train.checkpoint import Checkpointer
+from lmflax.train.checkpoint import TMP_SUFFIX, Checkpointer
 from lmflax.train.checks import resolve
 from lmflax.train.evaluation import evaluate
 from lmflax.train.metrics import MetricWriter, Progress
 from lmflax.train.trainer import Trainer
+from lmflax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 
 log = logging.getLogger("lmflax")
 
@@ -66,6 +72,22 @@ def _prepare_workdir(workdir: Path, cfg: Config, is_writer: bool) -> None:
         tmp = saved.with_suffix(".tmp")
         tmp.write_text(config_lib.to_json(cfg))
         tmp.replace(saved)
+
+
+def run_name(cfg: Config, config_name: str) -> str:
+    """What the logs call a run: its config's name, or for a model that starts from a Hugging
+    Face checkpoint (model.init_from='hf:DIR') the checkpoint's folder and architecture, e.g.
+    'all-MiniLM-L6-v2 (BertModel, via config bert_tiny)'."""
+    spec = getattr(cfg.model, "init_from", None)
+    if not spec or not str(spec).startswith("hf:"):
+        return config_name
+    directory = Path(str(spec)[3:]).expanduser()
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = {}
+    arch = (hf.get("architectures") or [hf.get("model_type") or "HF model"])[0]
+    return f"{directory.resolve().name} ({arch}, via config {config_name})"
 
 
 def _close(it: Any) -> None:
@@ -128,16 +150,37 @@ def _state_bytes(abstract: Any) -> int:
 
 
 def _check_disk(workdir: Path, abstract: Any, keep: int) -> None:
-    """Refuses to start when the workdir's filesystem cannot hold the checkpoints the run keeps."""
-    need = _state_bytes(abstract) * (keep + 1)  # the kept ones plus one being written
-    free = shutil.disk_usage(workdir).free
+    """Refuses to start when the workdir's filesystem cannot hold the checkpoints the run keeps.
+
+    Counts only new space: the finished checkpoints already on disk fill some of the `keep`
+    places, and unfinished `*.orbax-checkpoint-tmp` directories are removed before saving."""
+    each = _state_bytes(abstract)
+    directory = workdir / "checkpoints"
+    entries = list(directory.iterdir()) if directory.is_dir() else []
+    finished = [p for p in entries if p.name.isdigit() and p.is_dir()]
+    leftover = sum(_tree_bytes(p) for p in entries if TMP_SUFFIX in p.name)
+    # At most `keep` finished ones plus the one being written (older ones go once it finishes).
+    new = max(1, keep + 1 - len(finished))
+    need = each * new
+    free = shutil.disk_usage(workdir).free + leftover
     if need > free:
         raise OSError(
-            f"workdir {workdir} has {free / 2**30:.2f} GiB free but checkpoints need about "
-            f"{need / 2**30:.2f} GiB ({keep} kept + 1 in progress, "
-            f"{_state_bytes(abstract) / 2**30:.2f} GiB each); free space or lower "
+            f"workdir {workdir} has {_size(free)} free"
+            + (f" (counting {_size(leftover)} of unfinished saves)" if leftover else "")
+            + f" but checkpoints need about {_size(need)} more ({keep} kept + 1 in progress, "
+            f"{len(finished)} already saved, {_size(each)} each); free space or lower "
             "train.keep_checkpoints"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class _Loop:
@@ -153,11 +196,16 @@ class _Loop:
             keep_every=t.keep_every,
             verify=t.verify_checkpoints,
         )
-        self.writer = MetricWriter(workdir, enabled=self.is_writer)
+        self.writer = MetricWriter(workdir, enabled=self.is_writer, writers=t.writers)
         self.pending: list[tuple[int, Any]] = []  # (step, its 'skipped' flag) not yet checked
         self.skipped_total = 0
         self.last_saved: int | None = None
         self.num_shards = 0  # the data stream's shard count, set by `run`
+        # A LoRA run's checkpoints reference their base (model.init_from) instead of holding it:
+        # they record its files' sums, and a resumed run refuses a base that has changed.
+        self.base_fingerprint = None
+        if trainer.lora_plan is not None and not trainer.state.save_frozen:
+            self.base_fingerprint = adapters.base_fingerprint(self.cfg.model.init_from)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -179,9 +227,16 @@ class _Loop:
             )
 
     def _save_failed(self, e: Exception) -> TrainingError:
+        full = "No space left on device" in str(e) or getattr(e, "errno", None) == errno.ENOSPC
         return TrainingError(
             f"saving a checkpoint failed: {e}\nFinished checkpoints are intact: "
-            f"{self.ckpt.all_steps()} in {self.ckpt.directory}"
+            f"{self.ckpt.finished_steps()} in {self.ckpt.directory}"
+            + (
+                "\nThe disk is full: free space, then run the same command to continue from the "
+                "newest of them (the unfinished save is removed first)"
+                if full
+                else ""
+            )
         )
 
     def check_saves(self) -> None:
@@ -205,6 +260,8 @@ class _Loop:
             "data_shards": self.num_shards,
             "process_count": jax.process_count(),
         }
+        if self.base_fingerprint is not None:
+            meta["lora_base"] = self.base_fingerprint
         try:  # orbax first waits for the previous save, so its error can surface here
             self.ckpt.save(step, state.arrays(), train_iter, meta, force=True)
         except Exception as e:
@@ -219,12 +276,30 @@ class _Loop:
             restored = self.ckpt.restore_latest(trainer.abstract_for_restore(), train_iter)
             if restored is not None:
                 step, arrays, meta = restored
+                self.check_base(step, meta)
                 self.last_saved = step
                 self.skipped_total = int(meta.get("skipped_total", 0))
                 log.info("resumed from %s at step %d", self.ckpt.directory, step)
-                return trainer.state.with_arrays(arrays), meta
+                return trainer.restored(arrays), meta
             log.info("initialised a new run in %s", self.workdir)
             return trainer.initialize(), None
+
+    def check_base(self, step: int, meta: dict[str, Any]) -> None:
+        """A LoRA checkpoint's adapters were trained on the base it recorded: refuse another."""
+        saved = meta.get("lora_base")
+        if saved is None or self.base_fingerprint is None or saved == self.base_fingerprint:
+            return
+        changed = sorted(
+            name
+            for name in set(saved.get("files", {})) | set(self.base_fingerprint["files"])
+            if saved.get("files", {}).get(name) != self.base_fingerprint["files"].get(name)
+        )
+        raise ConfigError(
+            f"the checkpoint at step {step} in {self.ckpt.directory} holds LoRA adapters trained "
+            f"on the base in {saved.get('directory')}, but model.init_from's files differ from "
+            f"it now ({', '.join(changed) or 'directory'}); restore that base, or start a new "
+            "--workdir"
+        )
 
     def wait(self) -> None:
         """Blocks until pending saves finish; a failed one becomes a TrainingError."""
@@ -256,12 +331,45 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     workdir = Path(workdir)
     cfg = resolve(cfg)
     validate_devices(cfg, jax.device_count())
-    is_writer = jax.process_index() == 0
-    _prepare_workdir(workdir, cfg, is_writer)
-    t = cfg.train
-
     trainer = Trainer.create(cfg, init=False)
-    _check_disk(workdir, trainer.abstract_state, t.keep_checkpoints)
+    # A missing or unprepared dataset (or split) stops here, before the workdir is touched (not
+    # even its lock is taken).
+    for split in dict.fromkeys(s for s in (cfg.data.train_split, cfg.data.eval_split) if s):
+        sources.data_source(cfg.data.dataset, split, cfg.data.data_dir, download=cfg.data.download)
+    with _workdir_lock(workdir):
+        return _run(cfg, trainer, workdir, config_name)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path) -> Iterator[None]:
+    """One writer per workdir: process 0 holds `workdir/lmflax.lock` for the whole run (see
+    `lmflax.train.workdir_lock`); when it cannot, every process of the run stops."""
+    lock = WorkdirLock(workdir)
+    refused: WorkdirLockedError | None = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirLockedError as e:
+            refused = e
+        except OSError as e:
+            raise OSError(f"workdir {workdir} is not writable: {e}") from None
+    if jax.process_count() > 1:
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+        if not ok and refused is None:
+            refused = WorkdirLockedError(f"workdir {workdir} is in use by another run")
+    if refused is not None:
+        raise refused
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run(cfg: Config, trainer: Trainer, workdir: Path, config_name: str) -> dict[str, Any]:
+    is_writer = jax.process_index() == 0
+    t = cfg.train
+    _prepare_workdir(workdir, cfg, is_writer)
+    _check_disk(workdir, trainer.abstract_for_restore(), t.keep_checkpoints)  # what is saved
     if cfg.mesh.memory_budget_gib:
         # Compiled ahead of time from shapes alone: a config that cannot fit stops here, before
         # any parameter is allocated.
@@ -270,12 +378,6 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     log.info(
         "tokenizer: %d tokens; model: %s", task.tokenizer.vocab_size, type(task.model).__name__
     )
-    if cfg.data.eval_split:
-        # Fail now, not after hours of training, if the evaluation split is missing.
-        sources.data_source(
-            cfg.data.dataset, cfg.data.eval_split, cfg.data.data_dir, download=cfg.data.download
-        )
-
     loop = _Loop(trainer, workdir, config_name)
     loop.num_shards = _num_data_shards(cfg, loop.ckpt, loop.ckpt.latest_step())
     train_iter = trainer.batches(cfg.data.train_split, loop.num_shards)
@@ -289,6 +391,10 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
         loop.close(failing=failing)
     if is_writer:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:  # a picture of the run (lmflax viz curves); drawing must never fail the run
+            viz.plot_workdir_curves([workdir], workdir / "curves.png")
+        except Exception as e:
+            log.warning("could not draw %s: %s", workdir / "curves.png", e)
     return summary
 
 
@@ -299,10 +405,12 @@ def _train(
     t = cfg.train
     start = int(jax.device_get(state.step))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.frozen))
     log.info(
-        "%s: %s parameters, mesh %s, %d devices, steps %d -> %d",
-        loop.name,
+        "%s: %s parameters%s, mesh %s, %d devices, steps %d -> %d",
+        run_name(cfg, loop.name),
         f"{n_params:,}",
+        f" trained (LoRA adapters) + {n_frozen:,} frozen" if n_frozen else "",
         dict(trainer.mesh.shape),
         jax.device_count(),
         start,
@@ -325,9 +433,15 @@ def _train(
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
     with trainer.context(), _StopRequests() as stops:
         t_last, timed_steps = time.perf_counter(), 0
+        in_flight = None
         for step in range(start, t.steps):
             batch = trainer.global_batch(next(train_iter))
             state, metrics = step_fn(state, batch, jax.random.fold_in(dropout_key, step))
+            if in_flight is not None:
+                # Python stays one step ahead of the device (the next step is always queued),
+                # never a whole log window ahead: a signal is seen after the step in flight.
+                in_flight.block_until_ready()
+            in_flight = metrics["skipped"]
             done = step + 1
             loop.pending.append((done, metrics["skipped"]))
             window = metrics if window is None else add(window, metrics)
@@ -388,7 +502,7 @@ def _train(
                 loop.writer.write(t.steps, ev, file="eval_metrics", prefix="eval/")
             log.info("eval on %s: %s", cfg.data.eval_split, _fmt(ev))
         generated = trainer.task.evaluate_generation(
-            state.params, jax.random.fold_in(jax.random.key(t.seed), 3)
+            trainer.model_params(state), jax.random.fold_in(jax.random.key(t.seed), 3)
         )
         if generated is not None:
             gen_metrics, predictions = generated
@@ -401,13 +515,14 @@ def _train(
         sample = _sample(loop, state)
         if sample is not None:
             summary["sample"] = sample
+            loop.writer.write_text(t.steps, "sample", sample)
     summary["final_step"] = int(jax.device_get(state.step))
     return summary
 
 
 def _sample(loop: _Loop, state: TrainState) -> str | None:
     return loop.trainer.task.sample(
-        state.params, jax.random.fold_in(jax.random.key(loop.cfg.train.seed), 2)
+        loop.trainer.model_params(state), jax.random.fold_in(jax.random.key(loop.cfg.train.seed), 2)
     )
 
 

@@ -22,10 +22,14 @@ compiles with heuristics instead of autotuning and reports no FLOP count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import logging
 import math
 import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +41,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lmflax.config import Config, ConfigError
 from lmflax.train.trainer import Trainer
+
+log = logging.getLogger("lmflax")
+
+# Seconds between the "still compiling" lines while a step compiles ahead of time.
+HEARTBEAT_SECONDS = 15.0
 
 GIB = 1024**3
 
@@ -261,7 +270,14 @@ def model_costs(trainer: Any) -> dict[str, Any]:
     """Parameter counts and FLOPs per token of the trainer's model, from shapes alone:
     {params, matmul_params, flops_per_token, attention_flops_per_token}."""
     with trainer.context():
-        boxed = jax.eval_shape(trainer.init_fn, trainer.init_rng)["params"]
+        if getattr(trainer, "lora_plan", None) is not None:
+            # LoRA: the model computes with the whole (frozen + adapted) parameter tree.
+            dummy = trainer.task.dummy_batch(1)
+            boxed = jax.eval_shape(
+                lambda r: trainer.task.init(r, dummy)["params"], trainer.init_rng
+            )
+        else:
+            boxed = jax.eval_shape(trainer.init_fn, trainer.init_rng)["params"]
     matmul = matmul_parameter_count(boxed)
     attn = attention_flops_per_token(trainer.cfg)
     return {
@@ -300,11 +316,37 @@ def compile_train_step(trainer: Any, example: dict[str, Any] | None = None) -> A
         return trainer.jit_train_step().lower(state, batch, rng).compile()
 
 
+@contextlib.contextmanager
+def heartbeat(what: str, every: float | None = None) -> Any:
+    """Logs 'WHAT ...' now, 'still WHAT (N s)' every `every` seconds while inside (a TPU slice's
+    step can take minutes to compile, with no other output), and 'WHAT: done in N s' at the end."""
+    every = HEARTBEAT_SECONDS if every is None else every
+    start = time.perf_counter()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            log.info("still %s (%.0f s)", what, time.perf_counter() - start)
+
+    log.info("%s ...", what)
+    thread = threading.Thread(target=beat, name="lmflax-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    log.info("%s: done in %.1f s", what, time.perf_counter() - start)
+
+
 def make_plan(trainer: Any) -> Plan:
     """Plans `trainer` (a `Trainer.create(cfg, init=False, devices=...)`) from its compiled
     train step."""
     cfg = trainer.cfg
-    compiled = compile_train_step(trainer)
+    devices = trainer.mesh.devices
+    kind = devices.flat[0].device_kind
+    with heartbeat(f"compiling the train step ahead of time for {devices.size} x {kind}"):
+        compiled = compile_train_step(trainer)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     if isinstance(cost, Sequence):  # older jax returned one dict per program
@@ -396,7 +438,10 @@ def cuda_plugin_installed() -> bool:
     """Whether jax's CUDA plugin (CUDA 12 or 13) is installed, which compiling for NVIDIA GPUs
     needs; a GPU is not needed."""
     plugins = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
-    return any(importlib.util.find_spec(p) is not None for p in plugins)
+    try:
+        return any(importlib.util.find_spec(p) is not None for p in plugins)
+    except ModuleNotFoundError:  # find_spec imports the parent: no jax_plugins package at all
+        return False
 
 
 def gpu_topology_devices(chip: str, count: int = 1) -> list[jax.Device]:

@@ -5,6 +5,7 @@ open runs this way."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,14 @@ import jax
 from lmflax import config as config_lib
 from lmflax.config import Config, ConfigError
 from lmflax.core.state import TrainState
+from lmflax.hf import adapters, save_pretrained
+from lmflax.hf.pretrained import parse_init_from
 from lmflax.tasks import Task
-from lmflax.train.checkpoint import Checkpointer
+from lmflax.train.checkpoint import Checkpointer, CheckpointIntegrityError, verify_checksums
 from lmflax.train.checks import resolve
 from lmflax.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 class NoRunError(ConfigError):
@@ -56,7 +61,36 @@ class Run:
 
     @property
     def params(self) -> Any:
-        return self.state.params
+        """The model's parameters (with LoRA: the adapters merged into the base)."""
+        return self.trainer.model_params(self.state)
+
+    def export_hf(self, out: str | Path, **kwargs: Any) -> Path:
+        """Writes the run's model as a Hugging Face directory (`lmflax.hf.save_pretrained`;
+        kwargs: tokenizer, architecture); a LoRA run's adapters are merged in (W + (alpha/r)·A·B)."""
+        plan = self.trainer.lora_plan
+        if plan is None:
+            return save_pretrained(self.cfg.model, self.params, out, **kwargs)
+        return adapters.save_merged(
+            self.cfg.model, plan, self.state.frozen, self.state.params, out, **kwargs
+        )
+
+    def export_peft(self, out: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+        """Writes a LoRA run's adapters as a PEFT adapter folder (adapter_config.json +
+        adapter_model.safetensors). The base it names defaults to model.init_from's directory."""
+        plan = self.trainer.lora_plan
+        if plan is None:
+            raise ConfigError(f"{self.workdir} is no LoRA run (model.lora.rank is 0)")
+        init_from = getattr(self.cfg.model, "init_from", None)
+        if base_model_name_or_path is None and init_from:
+            base_model_name_or_path = str(parse_init_from(init_from))
+        return adapters.save_peft_adapter(
+            self.cfg.model,
+            plan,
+            self.params,
+            self.state.params,
+            out,
+            base_model_name_or_path=base_model_name_or_path,
+        )
 
     @property
     def source(self) -> str:
@@ -105,7 +139,8 @@ class Run:
         steps: list[int] = []
         ckpt = None
         if directory.is_dir():
-            ckpt = Checkpointer(directory, keep=cfg.train.keep_checkpoints, async_save=False)
+            # Read-only: a run may be training in this workdir (its unfinished save is left be).
+            ckpt = Checkpointer(directory, keep=cfg.train.keep_checkpoints, read_only=True)
         try:
             steps = ckpt.all_steps() if ckpt is not None else []
             if step is not None and step not in steps:
@@ -120,10 +155,28 @@ class Run:
                     state = trainer.initialize()
                 return cls(workdir=workdir, cfg=cfg, trainer=trainer, state=state, step=None)
             step = max(steps) if step is None else step
+            _verify(directory, step, steps, cfg.train.verify_checkpoints)
             with trainer.context():
                 arrays, _ = ckpt.restore(step, trainer.abstract_for_restore(), None)
         finally:
             if ckpt is not None:
                 ckpt.close()
-        state = trainer.state.with_arrays(arrays)
+        state = trainer.restored(arrays)
         return cls(workdir=workdir, cfg=cfg, trainer=trainer, state=state, step=step)
+
+
+def _verify(directory: Path, step: int, steps: list[int], verify: bool) -> None:
+    """Refuses a checkpoint whose files differ from the sums recorded when it was saved (nothing
+    is moved: opening a run only reads it)."""
+    if not verify:
+        log.warning("train.verify_checkpoints=false: opening checkpoint step %d unverified", step)
+        return
+    try:
+        verify_checksums(directory / str(step))
+    except CheckpointIntegrityError as e:
+        others = [s for s in steps if s != step]
+        raise CheckpointIntegrityError(
+            f"checkpoint step {step} of {directory} is damaged: {e}. Open another step "
+            f"({others if others else 'there is no other'}), or pass "
+            "train.verify_checkpoints=false to open it anyway"
+        ) from None

@@ -21,6 +21,7 @@ from lmflax.core.state import TrainState
 from lmflax.core.step import eval_step, train_step
 from lmflax.data import shards
 from lmflax.hf import init_params
+from lmflax.models import lora
 from lmflax.parallel import (
     batch_sharding,
     logical_shardings,
@@ -47,6 +48,9 @@ class Trainer:
     batch_sharding: NamedSharding
     init_fn: Any
     init_rng: jax.Array
+    lora_plan: lora.LoraPlan | None = None
+    base_shardings: Any = None  # the model's parameter tree's shardings (with LoRA)
+    build_fn: Any = None  # (rng, base params) -> the state's arrays, boxed
 
     @classmethod
     def create(
@@ -69,19 +73,45 @@ class Trainer:
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         dummy = task.dummy_batch(dp)
 
-        def init_fn(rng: jax.Array) -> dict[str, Any]:
-            params = task.init(rng, dummy)["params"]
+        init_rng = jax.random.fold_in(jax.random.key(cfg.train.seed), 0)
+        lora_cfg = getattr(cfg.model, "lora", None)
+        plan, base_shardings = None, None
+        if lora_cfg is not None and lora_cfg.enabled:
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                base_boxed = jax.eval_shape(lambda r: task.init(r, dummy)["params"], init_rng)
+            plan = lora.make_plan(base_boxed, lora_cfg, cfg.model.param_dtype)
+            base_shardings = logical_shardings(base_boxed, mesh, rules)
+
+        def build(rng: jax.Array, base: Any) -> dict[str, Any]:
+            """The train state's arrays (boxed) around the base model's parameters."""
+            if plan is None:
+                params = base
+                return {
+                    "step": jnp.zeros((), jnp.int32),
+                    "params": params,
+                    "opt_state": tx.init(params),
+                }
+            adapters = lora.init_adapters(plan, jax.random.fold_in(rng, 1))
             return {
                 "step": jnp.zeros((), jnp.int32),
-                "params": params,
-                "opt_state": tx.init(params),
+                "params": adapters,
+                "opt_state": tx.init(adapters),
+                "frozen": lora.freeze(plan, base),
             }
 
-        init_rng = jax.random.fold_in(jax.random.key(cfg.train.seed), 0)
+        def init_fn(rng: jax.Array) -> dict[str, Any]:
+            return build(rng, task.init(rng, dummy)["params"])
+
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             boxed = jax.eval_shape(init_fn, init_rng)
         shardings = logical_shardings(boxed, mesh, rules)
         abstract = unbox(boxed)
+        merge_fn = None
+        if plan is not None:
+
+            def merge_fn(frozen: Any, params: Any, rng: Any, deterministic: bool) -> Any:
+                return lora.merge(plan, frozen, params, rng, deterministic)
+
         state = TrainState(
             step=abstract["step"],
             params=abstract["params"],
@@ -90,6 +120,11 @@ class Trainer:
             loss_fn=task.loss,
             schedule=schedule,
             grad_accum_steps=cfg.optimizer.grad_accum_steps,
+            frozen=abstract.get("frozen"),
+            model_params_fn=merge_fn,
+            # A base read from model.init_from is read again on resume (checkpoints hold only
+            # the adapters); a random base is part of the run and is saved with it.
+            save_frozen=not cfg.model.init_from,
         )
         trainer = cls(
             cfg=cfg,
@@ -101,6 +136,9 @@ class Trainer:
             batch_sharding=batch_sharding(mesh, rules),
             init_fn=init_fn,
             init_rng=init_rng,
+            lora_plan=plan,
+            base_shardings=base_shardings,
+            build_fn=build,
         )
         if init:
             trainer.state = trainer.initialize()
@@ -110,7 +148,22 @@ class Trainer:
         """A fresh train state, created directly in its shardings (never whole on one device).
 
         With `model.init_from='hf:DIR'` the parameters then take the checkpoint's values."""
-        shardings = self.state_shardings.arrays()
+        shardings = self.all_shardings()
+        if self.lora_plan is not None and self.cfg.model.init_from:
+            # The base is initialised, takes the checkpoint's values, then is frozen (stored
+            # as model.lora.base_dtype) next to fresh adapters.
+            task, dummy = self.task, self.task.dummy_batch(self._dp())
+            with self.context():
+                base = jax.jit(
+                    lambda r: nn.meta.unbox(task.init(r, dummy)["params"]),
+                    out_shardings=self.base_shardings,
+                )(self.init_rng)
+            base = init_params(self.cfg.model, base, self.base_shardings)
+            with self.context():
+                arrays = jax.jit(
+                    lambda r, b: nn.meta.unbox(self.build_fn(r, b)), out_shardings=shardings
+                )(self.init_rng, base)
+            return self.state.with_arrays(arrays)
         with self.context():
             arrays = jax.jit(lambda r: nn.meta.unbox(self.init_fn(r)), out_shardings=shardings)(
                 self.init_rng
@@ -118,6 +171,40 @@ class Trainer:
         if self.cfg.model.init_from:
             arrays["params"] = init_params(self.cfg.model, arrays["params"], shardings["params"])
         return self.state.with_arrays(arrays)
+
+    def _dp(self) -> int:
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def all_shardings(self) -> dict[str, Any]:
+        """The shardings of every array of the state ({'step', 'params', 'opt_state'} and, with
+        LoRA, 'frozen'), whether or not a checkpoint holds it."""
+        out = self.state_shardings.arrays()
+        if self.state_shardings.frozen is not None:
+            out["frozen"] = self.state_shardings.frozen
+        return out
+
+    def restored(self, arrays: dict[str, Any]) -> TrainState:
+        """The state from a checkpoint's arrays; a LoRA base the checkpoint does not hold (it
+        came from model.init_from) is read from there again."""
+        state = self.state.with_arrays(arrays)
+        if state.frozen is not None and "frozen" not in arrays:
+            state = state.replace(frozen=self.initialize().frozen)
+        return state
+
+    def model_params(self, state: TrainState) -> Any:
+        """The model's parameters (LoRA merged into the base), sharded like the model's."""
+        if state.model_params_fn is None:
+            return state.params
+        if "_merge" not in self.__dict__:
+            self.__dict__["_merge"] = jax.jit(
+                lambda s: s.model_params(), out_shardings=self.base_shardings
+            )
+        with self.context():
+            return self.__dict__["_merge"](state)
+
+    def model_param_shardings(self) -> Any:
+        """The shardings of `model_params`'s tree."""
+        return self.base_shardings if self.lora_plan is not None else self.state_shardings.params
 
     def context(self) -> contextlib.ExitStack:
         """The mesh and logical-axis rules that tracing the steps needs."""
@@ -152,7 +239,9 @@ class Trainer:
 
     def abstract_for_restore(self) -> Any:
         """The checkpoint's arrays as ShapeDtypeStructs carrying this mesh's shardings."""
-        return abstract_with_shardings(self.abstract_state, self.state_shardings.arrays())
+        shardings = self.state_shardings.arrays()
+        shapes = {k: v for k, v in self.abstract_state.items() if k in shardings}
+        return abstract_with_shardings(shapes, shardings)
 
     def batches(self, split: str, num_shards: int | None = None) -> shards.ShardedBatches:
         """This process's rows of the global batches of `split`, read as `num_shards` data

@@ -3,8 +3,8 @@ tagger. Tags sit on each word's first WordPiece; evaluation scores whole entitie
 
 import dataclasses
 
-from configs import bert_tiny
 from lmflax.config import TaskConfig, override
+from lmflax.configs import bert_tiny
 
 
 def get_config():

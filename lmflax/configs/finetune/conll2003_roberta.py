@@ -1,17 +1,16 @@
-"""Sentiment: SST-2 (glue/sst2, 2 classes) fine-tuning a pretrained RoBERTa with its own
-classification head (dense + tanh + out_proj on <s>).
+"""Named entities: CoNLL-2003 (9 BIO tags) fine-tuning a pretrained RoBERTa token classifier
+(tags on each word's first sub-token, entities scored on 'dev').
 
-  --config=configs/sst2_roberta.py:DIR   DIR a Hugging Face RoBERTa or XLM-RoBERTa directory
-                                         (roberta-base: its RobertaForMaskedLM checkpoint);
-                                         model and tokenizer both come from DIR
-  --config=configs/sst2_roberta.py:tiny  a tiny random RoBERTa (wordpiece trained on the data)
-  --config=configs/sst2_roberta.py       roberta-base's shapes, from scratch (for planning)
+  --config=finetune/conll2003_roberta:DIR   DIR a Hugging Face RoBERTa / XLM-RoBERTa
+                                              directory; model and tokenizer come from it
+  --config=finetune/conll2003_roberta:tiny  a tiny random RoBERTa (wordpiece on the data)
+  --config=finetune/conll2003_roberta       roberta-base's shapes, from scratch
 """
 
 import dataclasses
 
-from configs import bert_tiny
 from lmflax.config import TaskConfig, override
+from lmflax.configs import bert_tiny
 from lmflax.models import PRESETS
 
 
@@ -30,13 +29,13 @@ def get_config(arg: str | None = None):
         cfg,
         {
             "model": model,
-            "task": TaskConfig(name="classification", num_labels=2),
+            "task": TaskConfig(name="tagging", num_labels=9),
             "data": dataclasses.replace(
                 cfg.data,
-                dataset="glue/sst2",
-                eval_split="validation",
+                dataset="conll2003",
+                eval_split="dev",
                 tokenizer=tokenizer,
-                seq_len=64,
+                seq_len=128,
                 batch_size=32,
             ),
             "train": dataclasses.replace(
@@ -48,9 +47,8 @@ def get_config(arg: str | None = None):
                 eval_steps=1000,
                 sample_tokens=0,
             ),
-            # RoBERTa's fine-tuning recipe: a small peak rate with warmup.
             "optimizer": dataclasses.replace(
-                cfg.optimizer, learning_rate=5e-4 if tiny else 2e-5, warmup_steps=100
+                cfg.optimizer, learning_rate=5e-4 if tiny else 3e-5, warmup_steps=100
             ),
         },
     )

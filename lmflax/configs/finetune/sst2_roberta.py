@@ -1,16 +1,17 @@
-"""Named entities: CoNLL-2003 (9 BIO tags) fine-tuning a pretrained RoBERTa token classifier
-(tags on each word's first sub-token, entities scored on 'dev').
+"""Sentiment: SST-2 (glue/sst2, 2 classes) fine-tuning a pretrained RoBERTa with its own
+classification head (dense + tanh + out_proj on <s>).
 
-  --config=configs/conll2003_roberta.py:DIR   DIR a Hugging Face RoBERTa / XLM-RoBERTa
-                                              directory; model and tokenizer come from it
-  --config=configs/conll2003_roberta.py:tiny  a tiny random RoBERTa (wordpiece on the data)
-  --config=configs/conll2003_roberta.py       roberta-base's shapes, from scratch
+  --config=finetune/sst2_roberta:DIR   DIR a Hugging Face RoBERTa or XLM-RoBERTa directory
+                                         (roberta-base: its RobertaForMaskedLM checkpoint);
+                                         model and tokenizer both come from DIR
+  --config=finetune/sst2_roberta:tiny  a tiny random RoBERTa (wordpiece trained on the data)
+  --config=finetune/sst2_roberta       roberta-base's shapes, from scratch (for planning)
 """
 
 import dataclasses
 
-from configs import bert_tiny
 from lmflax.config import TaskConfig, override
+from lmflax.configs import bert_tiny
 from lmflax.models import PRESETS
 
 
@@ -29,13 +30,13 @@ def get_config(arg: str | None = None):
         cfg,
         {
             "model": model,
-            "task": TaskConfig(name="tagging", num_labels=9),
+            "task": TaskConfig(name="classification", num_labels=2),
             "data": dataclasses.replace(
                 cfg.data,
-                dataset="conll2003",
-                eval_split="dev",
+                dataset="glue/sst2",
+                eval_split="validation",
                 tokenizer=tokenizer,
-                seq_len=128,
+                seq_len=64,
                 batch_size=32,
             ),
             "train": dataclasses.replace(
@@ -47,8 +48,9 @@ def get_config(arg: str | None = None):
                 eval_steps=1000,
                 sample_tokens=0,
             ),
+            # RoBERTa's fine-tuning recipe: a small peak rate with warmup.
             "optimizer": dataclasses.replace(
-                cfg.optimizer, learning_rate=5e-4 if tiny else 3e-5, warmup_steps=100
+                cfg.optimizer, learning_rate=5e-4 if tiny else 2e-5, warmup_steps=100
             ),
         },
     )

@@ -7,8 +7,8 @@ From Hugging Face BERT weights instead of a from-scratch tiny model, e.g.:
 
 import dataclasses
 
-from configs import bert_tiny
 from lmflax.config import TaskConfig, override
+from lmflax.configs import bert_tiny
 
 
 def get_config():

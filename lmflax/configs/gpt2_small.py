@@ -3,8 +3,8 @@ the model, sequence length, batch and schedule."""
 
 import dataclasses
 
-from configs import gpt_tiny
 from lmflax.config import override
+from lmflax.configs import gpt_tiny
 from lmflax.models import PRESETS
 
 

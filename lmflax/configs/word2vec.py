@@ -3,7 +3,10 @@
 `--config=configs/word2vec.py:cbow` trains CBOW instead. word2vec's optimizer: plain SGD whose
 rate decays linearly to 1e-4 of its start, with no warm-up. The loss is the mean over the batch,
 so word2vec's per-example rate α (0.025 skip-gram, 0.05 CBOW) is learning_rate = α·batch_size:
-scale it with data.batch_size. Logged `tokens_per_sec` counts examples (data.seq_len is 1);
+scale it with data.batch_size. CBOW's batch is smaller (1024 against 4096): a CBOW example is a
+whole window (about 6 context words), each of which receives the example's full error, as in
+word2vec.c, so a batch of B CBOW examples moves the word vectors about 6× as far as B skip-gram
+pairs; summed over 4096 examples at α = 0.05 that step overshoots (benchmarks/RESULTS.md). Logged `tokens_per_sec` counts examples (data.seq_len is 1);
 times `words_per_example` it is corpus words per second.
 """
 
@@ -19,7 +22,7 @@ from lmflax.config import (
 )
 from lmflax.models import PRESETS
 
-BATCH = 4096
+BATCH = {"skipgram": 4096, "cbow": 1024}
 ALPHA = {"skipgram": 0.025, "cbow": 0.05}
 
 
@@ -30,7 +33,7 @@ def get_config(arch: str = "skipgram") -> Config:
         model=dataclasses.replace(PRESETS["word2vec"], architecture=arch),
         task=TaskConfig(name="word2vec"),
         data=DataConfig(
-            dataset="lmflax_pystdlib", batch_size=BATCH, seq_len=1, tokenizer_train_docs=0
+            dataset="lmflax_pystdlib", batch_size=BATCH[arch], seq_len=1, tokenizer_train_docs=0
         ),
         train=TrainConfig(
             steps=2000,
@@ -41,7 +44,7 @@ def get_config(arch: str = "skipgram") -> Config:
         ),
         optimizer=OptimizerConfig(
             name="sgd",
-            learning_rate=ALPHA[arch] * BATCH,
+            learning_rate=ALPHA[arch] * BATCH[arch],
             warmup_steps=0,
             schedule="linear",
             min_lr_ratio=0.0001,

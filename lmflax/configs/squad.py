@@ -4,8 +4,8 @@ exact match and token F1 as the official script computes them (reported as fract
 
 import dataclasses
 
-from configs import bert_tiny
 from lmflax.config import TaskConfig, override
+from lmflax.configs import bert_tiny
 
 
 def get_config():

@@ -3,8 +3,8 @@ tokens. Differs from sst2 only in the dataset, the split it evaluates on and the
 
 import dataclasses
 
-from configs import sst2
 from lmflax.config import override
+from lmflax.configs import sst2
 
 
 def get_config():

@@ -3,8 +3,8 @@ model, batch and schedule."""
 
 import dataclasses
 
-from configs import bert_tiny
 from lmflax.config import override
+from lmflax.configs import bert_tiny
 from lmflax.models import PRESETS
 
 

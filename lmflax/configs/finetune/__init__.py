@@ -1,0 +1,1 @@
+"""Fine-tuning configs that start from a pretrained Hugging Face checkpoint."""
