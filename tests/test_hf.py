@@ -464,8 +464,8 @@ def test_missing_files_are_named(tiny, tmp_path):
 
 def test_unsupported_architecture_is_named(tiny, tmp_path):
     path = _copy_dir(tiny["bert_mlm"][0], tmp_path / "m")
-    _edit_config(path, architectures=["RobertaForMaskedLM"], model_type="roberta")
-    with pytest.raises(CheckpointError, match=r"RobertaForMaskedLM.*not supported.*BertModel"):
+    _edit_config(path, architectures=["AlbertForMaskedLM"], model_type="albert")
+    with pytest.raises(CheckpointError, match=r"AlbertForMaskedLM.*not supported.*BertModel"):
         lmflax.from_pretrained(path)
     _edit_config(path, architectures=["BertForMaskedLM"], model_type="bert", hidden_act="gelu_10")
     with pytest.raises(CheckpointError, match=r"hidden_act='gelu_10' is not supported"):

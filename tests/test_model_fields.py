@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt": ("gpt_tiny", "gpt_tiny", {}),
     "bert": ("bert_tiny", "bert_tiny", {}),
+    "roberta": ("finetune/sst2_roberta", "roberta_tiny", {}),
     "seq2seq": ("wmt14_de_en", "transformer_tiny", {}),
     "t5": ("cnn_dailymail", "t5_tiny", {}),
     "word2vec": ("word2vec", "word2vec_tiny", {}),
@@ -84,6 +85,8 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
         # BERT
         "type_vocab_size": (3, {}),
         "add_pooler": (False, {}),
+        # RoBERTa
+        "pad_token_id": (0, {}),
         # encoder-decoders
         "num_decoder_layers": (base.num_layers + 1, {}),
         "relative_buckets": (16, {"position": "relative"}),
@@ -102,7 +105,7 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
         "ns_exponent": (0.5, {}),
         "lowercase": (False, {}),
     }
-    if family == "bert":
+    if family in ("bert", "roberta"):
         out["max_len"] = (base.max_len * 2, {})
     return out
 
@@ -111,6 +114,19 @@ def variants(family: str, base: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
 REFUSED: dict[str, set[str]] = {
     "gpt": {"init_from"},  # refused here only because the directory does not exist
     "bert": {
+        "init_from",
+        "rope_base",
+        "rope_fraction",
+        "rope_scaling",
+        "rope_scaling_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_max_len",
+        "position",
+        "tie_embeddings",
+        "sliding_window",
+    },
+    "roberta": {
         "init_from",
         "rope_base",
         "rope_fraction",

@@ -1,6 +1,6 @@
 """Hugging Face interop: load and export checkpoints and tokenizers of local model directories.
 
-    model, params = lmflax.hf.from_pretrained(DIR)        # BERT family or GPT-2, no torch needed
+    model, params = lmflax.hf.from_pretrained(DIR)        # BERT/RoBERTa/DistilBERT/GPT-2, no torch
     tokenizer = lmflax.hf.load_tokenizer(DIR)             # tokenizer.json or vocab.txt (+ config)
     batch = tokenizer(["a sentence", "another one"])      # input_ids / token_type_ids / attention_mask
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
@@ -8,10 +8,15 @@
     lmflax.hf.save_pretrained(model_config, params, OUT, tokenizer=tokenizer)   # transformers loads it
 
 Supported architectures: BertModel, BertForMaskedLM, BertForPreTraining (its MLM head),
-BertForSequenceClassification, GPT2Model, GPT2LMHeadModel, and the Llama-family decoders
-LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (lmflax.hf.llama), and the encoder-decoder
-T5ForConditionalGeneration, v1.0 and v1.1 (lmflax.hf.t5), BartForConditionalGeneration and MarianMTModel
-(lmflax.hf.bart). `model.init_from='hf:DIR'` in a
+BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering;
+RobertaModel / XLMRobertaModel and their ForMaskedLM, ForSequenceClassification,
+ForTokenClassification, ForQuestionAnswering heads (lmflax.hf.roberta: RobertaConfig);
+DistilBertModel, DistilBertForMaskedLM, DistilBertForTokenClassification,
+DistilBertForQuestionAnswering (lmflax.hf.distilbert: a BertConfig with type_vocab_size=0);
+GPT2Model, GPT2LMHeadModel, and the Llama-family decoders LlamaForCausalLM, MistralForCausalLM
+and Qwen2ForCausalLM (lmflax.hf.llama), and the encoder-decoder T5ForConditionalGeneration,
+v1.0 and v1.1 (lmflax.hf.t5), BartForConditionalGeneration and MarianMTModel (lmflax.hf.bart).
+`model.init_from='hf:DIR'` in a
 training config starts from a checkpoint (see `init_params`).
 """
 
@@ -20,7 +25,9 @@ from lmflax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from lmflax.data.hub import CheckpointError
 from lmflax.hf import (
     bart,  # noqa: F401  (registers BartForConditionalGeneration, MarianMTModel)
+    distilbert,  # noqa: F401  (registers DistilBertModel and its heads)
     llama,  # noqa: F401  (registers LlamaForCausalLM, Mistral, Qwen2)
+    roberta,  # noqa: F401  (registers RobertaModel, XLMRobertaModel and their heads)
     t5,  # noqa: F401  (registers T5ForConditionalGeneration)
 )
 from lmflax.hf.convert import ARCHITECTURES

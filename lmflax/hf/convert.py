@@ -25,7 +25,9 @@ from lmflax.models import (
     GPT,
     BertConfig,
     BertForMaskedLM,
+    BertForQuestionAnswering,
     BertForSequenceClassification,
+    BertForTokenClassification,
     BertModel,
     GPTConfig,
 )
@@ -51,9 +53,11 @@ class Architecture:
     """A supported HF architecture: its family (config mapping) and head."""
 
     name: str
-    family: str  # "bert" or "gpt2" (the HF model_type)
-    head: str  # "none", "mlm", "classifier", "lm"
+    family: str  # the HF model_type: "bert", "gpt2", or a registered family's
+    head: str  # "none", "mlm", "classifier", "tagger", "qa", "lm"
     base_prefix: str  # the base model's name prefix when a head wraps it
+    # The lmflax parameter whose last dimension is the number of labels (heads with labels).
+    labels: tuple[str, ...] | None = None
 
 
 ARCHITECTURES = {
@@ -64,7 +68,13 @@ ARCHITECTURES = {
         # BERT's pretraining checkpoints (bert-base-uncased): MLM head + next-sentence head; the
         # NSP head is not used by lmflax and is reported as unused.
         Architecture("BertForPreTraining", "bert", "mlm", "bert."),
-        Architecture("BertForSequenceClassification", "bert", "classifier", "bert."),
+        Architecture(
+            "BertForSequenceClassification", "bert", "classifier", "bert.", ("classifier", "kernel")
+        ),
+        Architecture(
+            "BertForTokenClassification", "bert", "tagger", "bert.", ("classifier", "kernel")
+        ),
+        Architecture("BertForQuestionAnswering", "bert", "qa", "bert."),
         Architecture("GPT2Model", "gpt2", "none", "transformer."),
         Architecture("GPT2LMHeadModel", "gpt2", "lm", "transformer."),
     )
@@ -86,6 +96,9 @@ class Family:
     describe: Callable[[str, Mapping[str, Any], Any], str]
     # The architecture name to export a model of `lmflax_family` as, or None (not this family's).
     export_as: Callable[[ModelConfig, Mapping[Path_, Any]], str | None]
+    # The architecture of a checkpoint whose config.json lists none, from its tensor names;
+    # None: the family's first registered architecture with a head.
+    infer: Callable[[set[str]], str] | None = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -134,17 +147,32 @@ def resolve_architecture(
             if model_type == "bert":
                 if any(n.startswith("cls.predictions.") for n in names):
                     arch = ARCHITECTURES["BertForMaskedLM"]
+                elif any(n.startswith("qa_outputs.") for n in names):
+                    arch = ARCHITECTURES["BertForQuestionAnswering"]
                 elif any(n.startswith("classifier.") for n in names):
-                    arch = ARCHITECTURES["BertForSequenceClassification"]
+                    # A sequence classifier reads the pooler; a token classifier has none.
+                    pooled = any(n.startswith("bert.pooler.") for n in names)
+                    arch = ARCHITECTURES[
+                        "BertForSequenceClassification" if pooled else "BertForTokenClassification"
+                    ]
                 else:
                     arch = ARCHITECTURES["BertModel"]
             elif model_type == "gpt2":
                 arch = ARCHITECTURES["GPT2LMHeadModel"]
             elif model_type in FAMILIES:
-                # A family's first registered architecture with a head is its default.
-                arch = next(
-                    a for a in ARCHITECTURES.values() if a.family == model_type and a.head != "none"
-                )
+                family = FAMILIES[model_type]
+                if family.infer is not None:
+                    name = family.infer(names)
+                    if name not in ARCHITECTURES:
+                        raise unsupported(f"{name} (inferred from the tensor names)", source)
+                    arch = ARCHITECTURES[name]
+                else:
+                    # A family's first registered architecture with a head is its default.
+                    arch = next(
+                        a
+                        for a in ARCHITECTURES.values()
+                        if a.family == model_type and a.head != "none"
+                    )
             else:
                 raise unsupported(f"of model_type {model_type!r} (no 'architectures' key)", source)
     if hf.get("model_type", arch.family) != arch.family:
@@ -219,6 +247,7 @@ ARCH_FIELDS = (
     "d_ff",
     "max_len",
     "type_vocab_size",
+    "pad_token_id",
     "norm_eps",
     "activation",
     "tie_embeddings",
@@ -336,7 +365,16 @@ def describe_hf_value(family: str, field: str, hf: Mapping[str, Any], derived: A
     """How a HF config expresses lmflax `field` (for mismatch messages)."""
     if family in FAMILIES:
         return FAMILIES[family].describe(field, hf, derived)
-    keys = BERT_KEYS if family == "bert" else GPT2_KEYS
+    return describe_by_keys(
+        family, BERT_KEYS if family == "bert" else GPT2_KEYS, field, hf, derived
+    )
+
+
+def describe_by_keys(
+    family: str, keys: Mapping[str, str], field: str, hf: Mapping[str, Any], derived: Any
+) -> str:
+    """describe_hf_value for a family whose lmflax fields map to HF keys one to one (`keys`:
+    lmflax field -> HF key); a family's `describe` can be this with its keys bound."""
     width, heads = keys["d_model"], keys["num_heads"]
     if field == "resolved_kv_heads":
         return f"{derived} key/value heads ({heads}={hf.get(heads)!r}; {family} has no GQA/MQA)"
@@ -357,8 +395,19 @@ def hf_config(
     the HF implementation cannot express."""
     if arch.family in FAMILIES:
         return FAMILIES[arch.family].hf_config(arch, cfg, num_labels)
+    if arch.family == "bert" and cfg.type_vocab_size == 0:
+        raise CheckpointError(
+            f"cannot export as {arch.name}: model.type_vocab_size=0 (HF BERT needs token-type "
+            "embeddings; a BERT without them exports as DistilBertModel)"
+        )
+    check_exportable(arch, cfg, FIXED[arch.family])
+    return _hf_config(arch, cfg, num_labels)
+
+
+def check_exportable(arch: Architecture, cfg: ModelConfig, fixed: Mapping[str, Any]) -> None:
+    """CheckpointError naming every setting of `cfg` that HF's `arch` cannot express: the
+    `fixed` fields' values, GQA, a head_dim other than d_model / num_heads, the activation."""
     errs = []
-    fixed = FIXED[arch.family]
     for field, want in fixed.items():
         if getattr(cfg, field) != want:
             errs.append(f"model.{field}={getattr(cfg, field)!r} (HF {arch.name} needs {want!r})")
@@ -374,6 +423,17 @@ def hf_config(
         )
     if errs:
         raise CheckpointError(f"cannot export as {arch.name}: " + "; ".join(errs))
+
+
+def label_maps(num_labels: int) -> dict[str, Any]:
+    """config.json's id2label / label2id for `num_labels` classes."""
+    return {
+        "id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+        "label2id": {f"LABEL_{i}": i for i in range(num_labels)},
+    }
+
+
+def _hf_config(arch: Architecture, cfg: ModelConfig, num_labels: int | None) -> dict[str, Any]:
     if arch.family == "bert":
         out: dict[str, Any] = {
             "model_type": "bert",
@@ -418,8 +478,7 @@ def hf_config(
     out["architectures"] = [arch.name]
     out["dtype"] = cfg.param_dtype
     if num_labels is not None:
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        out.update(label_maps(num_labels))
     return out
 
 
@@ -433,8 +492,12 @@ def build_module(arch: Architecture, cfg: ModelConfig, num_labels: int | None = 
         return BertModel(cfg)
     if arch.head == "mlm":
         return BertForMaskedLM(cfg)
+    if arch.head == "qa":
+        return BertForQuestionAnswering(cfg)
     if num_labels is None:
         raise CheckpointError(f"{arch.name} needs num_labels")
+    if arch.head == "tagger":
+        return BertForTokenClassification(cfg, num_labels)
     return BertForSequenceClassification(cfg, num_labels)
 
 
@@ -553,12 +616,10 @@ class Layout:
     heads: re.Pattern
 
 
-def _bert_layout(
-    arch: Architecture, cfg: BertConfig, prefix: str, num_labels: int | None
-) -> Layout:
+def bert_backbone_rules(cfg: BertConfig, p: str, root: Path_) -> list[Rule]:
+    """BERT's embeddings and encoder layers (HF names under prefix `p`, lmflax paths under
+    `root`); RoBERTa and XLM-RoBERTa name theirs the same way."""
     D, N, H, F = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.d_ff
-    p = prefix
-    root: Path_ = ("bert",) if arch.head in ("mlm", "classifier") else ()
     rules = [
         _same(
             f"{p}embeddings.word_embeddings.weight",
@@ -601,6 +662,21 @@ def _bert_layout(
         )
         rules += _dense(h + "output.dense", (*layer, "mlp", "wo"), (F,), (D,), transposed=True)
         rules += _norm(h + "output.LayerNorm", (*layer, "mlp_norm"), D)
+    return rules
+
+
+def span_rules(name: str, D: int) -> list[Rule]:
+    """A QA head: HF nn.Linear(D, 2) `name` <-> lmflax SpanHead `qa_outputs`."""
+    return _dense(name, ("qa_outputs",), (D,), (2,), transposed=True)
+
+
+def _bert_layout(
+    arch: Architecture, cfg: BertConfig, prefix: str, num_labels: int | None
+) -> Layout:
+    D = cfg.d_model
+    p = prefix
+    root: Path_ = ("bert",) if arch.head != "none" else ()
+    rules = bert_backbone_rules(cfg, p, root)
     if arch.head == "classifier" or (arch.head == "none" and cfg.add_pooler):
         rules += _dense(f"{p}pooler.dense", (*root, "pooler"), (D,), (D,), transposed=True)
     tied = {}
@@ -614,13 +690,15 @@ def _bert_layout(
             "cls.predictions.decoder.weight": f"{p}embeddings.word_embeddings.weight",
             "cls.predictions.decoder.bias": "cls.predictions.bias",
         }
-    if arch.head == "classifier":
+    if arch.head in ("classifier", "tagger"):
         rules += _dense("classifier", ("classifier",), (D,), (num_labels,), transposed=True)
+    if arch.head == "qa":
+        rules += span_rules("qa_outputs", D)
     return Layout(
         rules,
         tied,
         ignored=re.compile(r"^(bert\.)?embeddings\.(position_ids|token_type_ids)$"),
-        heads=re.compile(r"^(cls\.|classifier\.|(bert\.)?pooler\.)"),
+        heads=re.compile(r"^(cls\.|classifier\.|qa_outputs\.|(bert\.)?pooler\.)"),
     )
 
 

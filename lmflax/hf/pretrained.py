@@ -59,12 +59,18 @@ class _Checkpoint:
     ) -> _Checkpoint:
         directory = model_dir(path, revision=revision, subfolder=subfolder)
         hf = read_config(directory)
+        where = str(directory / "config.json")
+        if architecture is not None or hf.get("architectures"):
+            # An unsupported architecture or option is refused from config.json alone, before
+            # any weight file is opened (the tensor names only refine the pooler below).
+            convert.lmflax_config(
+                convert.resolve_architecture(hf, (), architecture, where), hf, (), where
+            )
         source = WeightSource(find_weights(directory))
         try:
-            where = str(directory / "config.json")
             arch = convert.resolve_architecture(hf, source, architecture, where)
             config = convert.lmflax_config(arch, hf, source, where)
-            labels = convert.num_labels_of(hf) if arch.head == "classifier" else None
+            labels = convert.num_labels_of(hf) if arch.labels is not None else None
             prefix = convert.checkpoint_prefix(arch, source)
         except BaseException:
             source.close()
@@ -166,8 +172,10 @@ def from_pretrained(
 
     Returns (module, params): `module.apply({"params": params}, input_ids, ...,
     deterministic=True)` gives a BertOutput (BertModel), MLM logits [B, T, V]
-    (BertForMaskedLM), class logits [B, C] (BertForSequenceClassification) or LM logits
-    [B, T, V] (GPT). Raises FileNotFoundError for a missing directory/file and CheckpointError
+    (BertForMaskedLM), class logits [B, C] (Bert/RobertaForSequenceClassification), tag
+    logits [B, T, C] (*ForTokenClassification), SpanLogits (*ForQuestionAnswering) or LM logits
+    [B, T, V] (GPT). RoBERTa / XLM-RoBERTa load as RobertaConfig models, DistilBERT as a
+    BertConfig with type_vocab_size=0. Raises FileNotFoundError for a missing directory/file and CheckpointError
     for an unsupported architecture or a tensor whose shape the config does not imply.
     """
     bad = sorted(set(overrides) - set(convert.RUNTIME_FIELDS))
@@ -379,10 +387,22 @@ def _architecture_of(config: ModelConfig, flat: Mapping[convert.Path_, Any]) -> 
     if config.family == "gpt":
         return ARCHITECTURES["GPT2LMHeadModel"]
     if config.family != "bert":
-        raise CheckpointError(f"cannot export model family {config.family!r}; supported: bert, gpt")
+        families = sorted({"bert", "gpt", *(f.lmflax_family for f in convert.FAMILIES.values())})
+        raise CheckpointError(
+            f"cannot export model family {config.family!r}; supported: {', '.join(families)}"
+        )
     roots = {p[0] for p in flat}
+    if "qa_outputs" in roots:
+        return ARCHITECTURES["BertForQuestionAnswering"]
     if "classifier" in roots:
-        return ARCHITECTURES["BertForSequenceClassification"]
+        if any(p[-2:] == ("pooler", "kernel") for p in flat):
+            return ARCHITECTURES["BertForSequenceClassification"]
+        raise CheckpointError(
+            "cannot tell which HF head this BERT classifier is: without a pooler it is a token "
+            "classifier or a sequence classifier pooling 'first'/'mean' (which HF's "
+            "BertForSequenceClassification cannot express); pass "
+            "architecture='BertForTokenClassification' to export a token classifier"
+        )
     if "transform" in roots or "decoder_bias" in roots:
         return ARCHITECTURES["BertForMaskedLM"]
     return ARCHITECTURES["BertModel"]
@@ -402,7 +422,10 @@ def save_pretrained(
 
     params: the model's parameters (plain or boxed, `{"params": ...}` or the inner tree,
     scanned or unrolled). The architecture follows from the config family and the parameters
-    (BertModel, BertForMaskedLM, BertForSequenceClassification, GPT2LMHeadModel) unless given.
+    (BertModel, BertForMaskedLM, BertForSequenceClassification (with a pooler),
+    BertForQuestionAnswering, DistilBertModel (type_vocab_size 0), GPT2LMHeadModel, the
+    Roberta* heads) unless given; a BERT token classifier needs
+    architecture='BertForTokenClassification', an XLM-RoBERTa one 'XLMRoberta...'.
     """
     flat = convert.flatten(_plain_params(params))
     if architecture is not None:
@@ -411,13 +434,20 @@ def save_pretrained(
         arch = ARCHITECTURES[architecture]
     else:
         arch = _architecture_of(model_config, flat)
+    if convert.lmflax_family(arch) != model_config.family:
+        raise CheckpointError(
+            f"cannot export a model of family {model_config.family!r} as {arch.name} (which "
+            f"loads as lmflax family {convert.lmflax_family(arch)!r})"
+        )
     num_labels = None
-    if arch.head == "classifier":
-        if ("classifier", "kernel") not in flat:
-            raise CheckpointError(f"{arch.name} needs a classifier/kernel parameter")
-        num_labels = int(flat[("classifier", "kernel")].shape[-1])
+    if arch.labels is not None:
+        if arch.labels not in flat:
+            raise CheckpointError(
+                f"{arch.name} needs a {convert.fmt_path(arch.labels)} parameter (its head)"
+            )
+        num_labels = int(flat[arch.labels].shape[-1])
     config = dataclasses.replace(model_config, scan_layers=False)
-    if arch.family == "bert":
+    if hasattr(config, "add_pooler"):
         config = dataclasses.replace(
             config, add_pooler=any(p[-2:] == ("pooler", "kernel") for p in flat)
         )
@@ -430,6 +460,13 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save(out)
         # The model config names the special tokens' ids as the tokenizer has them.
+        pad = getattr(config, "pad_token_id", None)
+        if pad is not None and tokenizer.token_id("pad_token") not in (None, pad):
+            raise CheckpointError(
+                f"cannot export as {arch.name}: the tokenizer pads with id "
+                f"{tokenizer.token_id('pad_token')}, but model.pad_token_id is {pad} (RoBERTa's "
+                "positions skip exactly the pad_token_id tokens)"
+            )
         for key in ("pad_token", "bos_token", "eos_token"):
             token_id = tokenizer.token_id(key)
             if token_id is not None:

@@ -8,7 +8,15 @@ and extractive-QA heads on them for fine-tuning.
 
 from lmflax.config import ConfigError, register_model_names, suggest
 from lmflax.models import bert, gpt, seq2seq, word2vec
-from lmflax.models.bert import BertConfig, BertForMaskedLM, BertModel, BertOutput
+from lmflax.models.bert import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    BertOutput,
+    RobertaConfig,
+    RobertaModel,
+    encoder,
+)
 from lmflax.models.config import POSITIONS, ModelConfig, register_model_config
 from lmflax.models.gpt import GPT, GPTConfig
 from lmflax.models.heads import (
@@ -17,6 +25,8 @@ from lmflax.models.heads import (
     BertForTokenClassification,
     ClassificationHead,
     GPTForSequenceClassification,
+    RobertaClassificationHead,
+    RobertaForSequenceClassification,
     SpanHead,
 )
 from lmflax.models.seq2seq import EncoderDecoder, Seq2SeqConfig
@@ -54,10 +64,15 @@ __all__ = [
     "GPTConfig",
     "GPTForSequenceClassification",
     "ModelConfig",
+    "RobertaClassificationHead",
+    "RobertaConfig",
+    "RobertaForSequenceClassification",
+    "RobertaModel",
     "Seq2SeqConfig",
     "SpanHead",
     "Word2Vec",
     "Word2VecConfig",
+    "encoder",
     "preset",
     "register_model_config",
 ]

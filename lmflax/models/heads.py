@@ -24,8 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmflax.models.bert import BertConfig, BertModel
+from lmflax.models.bert import BertConfig, RobertaConfig, encoder
 from lmflax.models.gpt import GPT, GPTConfig
+from lmflax.nn import Linear
 from lmflax.nn.util import DType, as_dtype, constrain, logical_param
 
 POOLINGS = ("first", "last", "mean")
@@ -148,7 +149,7 @@ class BertForSequenceClassification(nn.Module):
             )
         if self.num_labels <= 0:
             raise ValueError(f"num_labels must be > 0, got {self.num_labels}")
-        self.bert = BertModel(dataclasses.replace(c, add_pooler=self.pooling == "pooled"))
+        self.bert = encoder(dataclasses.replace(c, add_pooler=self.pooling == "pooled"))
         rate = c.dropout_rate if self.classifier_dropout is None else self.classifier_dropout
         self.classifier = ClassificationHead(self.num_labels, dropout_rate=rate, **_head_kwargs(c))
 
@@ -176,14 +177,18 @@ class BertForSequenceClassification(nn.Module):
 
 
 class BertForTokenClassification(nn.Module):
-    """input_ids [B, T] (+ attention_mask, token_type_ids) -> per-token logits [B, T, C]."""
+    """input_ids [B, T] (+ attention_mask, token_type_ids) -> per-token logits [B, T, C].
+
+    With a RobertaConfig this is RoBERTa's token classifier (the backbone is `encoder(config)`).
+    Parameters: {"bert": the encoder's (no pooler), "classifier": {"kernel": [D, C], "bias"}}.
+    """
 
     config: BertConfig
     num_labels: int
 
     def setup(self) -> None:
         c = self.config
-        self.bert = BertModel(dataclasses.replace(c, add_pooler=False))
+        self.bert = encoder(dataclasses.replace(c, add_pooler=False))
         self.classifier = ClassificationHead(
             self.num_labels, dropout_rate=c.dropout_rate, **_head_kwargs(c)
         )
@@ -202,13 +207,17 @@ class BertForTokenClassification(nn.Module):
 
 
 class BertForQuestionAnswering(nn.Module):
-    """input_ids [B, T] (question [SEP] context, token_type_ids 0 then 1) -> SpanLogits."""
+    """input_ids [B, T] (question [SEP] context, token_type_ids 0 then 1) -> SpanLogits.
+
+    With a RobertaConfig this is RoBERTa's span extractor (the backbone is `encoder(config)`).
+    Parameters: {"bert": the encoder's (no pooler), "qa_outputs": {"kernel": [D, 2], "bias"}}.
+    """
 
     config: BertConfig
 
     def setup(self) -> None:
         c = self.config
-        self.bert = BertModel(dataclasses.replace(c, add_pooler=False))
+        self.bert = encoder(dataclasses.replace(c, add_pooler=False))
         self.qa_outputs = SpanHead(**_head_kwargs(c))
 
     def __call__(
@@ -221,6 +230,73 @@ class BertForQuestionAnswering(nn.Module):
     ) -> SpanLogits:
         out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
         return self.qa_outputs(out.last_hidden_state)
+
+
+class RobertaClassificationHead(nn.Module):
+    """RoBERTa's sequence head on a pooled x [B, D] -> logits [B, C]: dropout, dense [D, D],
+    tanh, dropout, out_proj [D, C] (Hugging Face's RobertaClassificationHead)."""
+
+    num_labels: int
+    dropout_rate: float = 0.0
+    init_std: float = 0.02
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        common = dict(init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = jnp.tanh(Linear((x.shape[-1],), ("embed", "mlp"), name="dense", **common)(x))
+        return ClassificationHead(
+            self.num_labels, dropout_rate=self.dropout_rate, name="out_proj", **common
+        )(x, deterministic=deterministic)
+
+
+class RobertaForSequenceClassification(nn.Module):
+    """input_ids [B, T] (+ attention_mask [B, T]) -> logits [B, C], RoBERTa's way: no pooler;
+    `RobertaClassificationHead` on the first token's state (<s>), or with pooling 'mean' on the
+    mean over real tokens. classifier_dropout: None = config.dropout_rate.
+    Parameters: {"bert": RobertaModel's (no pooler), "classifier": {"dense", "out_proj"}}.
+    """
+
+    config: RobertaConfig
+    num_labels: int
+    pooling: str = "first"
+    classifier_dropout: float | None = None
+
+    def setup(self) -> None:
+        c = self.config
+        if self.pooling not in ("first", "mean"):
+            raise ValueError(
+                f"unknown pooling {self.pooling!r} for RoBERTa (it has no pooler); accepted: "
+                "first, mean"
+            )
+        if self.num_labels <= 0:
+            raise ValueError(f"num_labels must be > 0, got {self.num_labels}")
+        self.bert = encoder(dataclasses.replace(c, add_pooler=False))
+        rate = c.dropout_rate if self.classifier_dropout is None else self.classifier_dropout
+        self.classifier = RobertaClassificationHead(
+            self.num_labels, dropout_rate=rate, **_head_kwargs(c)
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        deterministic: bool,
+    ) -> jax.Array:
+        out = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            positions=positions,
+            deterministic=deterministic,
+        )
+        pooled = pool(out.last_hidden_state, attention_mask, self.pooling)
+        return self.classifier(pooled, deterministic=deterministic)
 
 
 class GPTForSequenceClassification(nn.Module):

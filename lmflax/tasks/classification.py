@@ -19,10 +19,17 @@ from lmflax.models import (
     BertForSequenceClassification,
     GPTConfig,
     GPTForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 from lmflax.tasks.finetune import FinetuneTask, Row, ratio
 
-_POOLING = {BertConfig: ("pooled", "first", "mean"), GPTConfig: ("last", "mean")}
+# The first matching class decides (RobertaConfig is a BertConfig: it comes first).
+_POOLING = {
+    RobertaConfig: ("first", "mean"),
+    BertConfig: ("pooled", "first", "mean"),
+    GPTConfig: ("last", "mean"),
+}
 
 
 class SequenceClassification(FinetuneTask):
@@ -47,7 +54,8 @@ class SequenceClassification(FinetuneTask):
         accepted = next((v for k, v in _POOLING.items() if isinstance(cfg.model, k)), None)
         if accepted is None:
             errs.append(
-                f"task 'classification' needs a 'bert' or 'gpt' model; family is {cfg.model.family!r}"
+                "task 'classification' needs a 'bert', 'roberta' or 'gpt' model; family is "
+                f"{cfg.model.family!r}"
             )
         elif cfg.task.pooling not in ("auto", *accepted):
             errs.append(
@@ -61,6 +69,10 @@ class SequenceClassification(FinetuneTask):
         if isinstance(c, GPTConfig):
             pooling = "last" if k.pooling == "auto" else k.pooling
             return GPTForSequenceClassification(c, k.num_labels, pooling)
+        if isinstance(c, RobertaConfig):
+            # RoBERTa's own head (dense + tanh + out_proj), as RobertaForSequenceClassification.
+            pooling = "first" if k.pooling == "auto" else k.pooling
+            return RobertaForSequenceClassification(c, k.num_labels, pooling)
         pooling = "pooled" if k.pooling == "auto" else k.pooling
         return BertForSequenceClassification(c, k.num_labels, pooling)
 

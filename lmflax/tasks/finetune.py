@@ -100,7 +100,16 @@ class FinetuneTask(Task):
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             _ = self.label_names  # a head that cannot fit the data stops before any work
-            self._tokenizer = data_tasks.load_task_tokenizer(self.cfg, self.spec)
+            tok = data_tasks.load_task_tokenizer(self.cfg, self.spec)
+            pad = getattr(self.cfg.model, "pad_token_id", None)
+            if pad is not None and tok.pad_id != pad:
+                # RoBERTa counts positions over the tokens that are not pad_token_id.
+                raise ConfigError(
+                    f"invalid config:\n  model.pad_token_id is {pad}, but the tokenizer "
+                    f"({self.cfg.data.tokenizer!r}) pads with id {tok.pad_id}; set "
+                    f"model.pad_token_id={tok.pad_id} or use the checkpoint's tokenizer"
+                )
+            self._tokenizer = tok
         return self._tokenizer
 
     @abc.abstractmethod
@@ -142,12 +151,20 @@ class FinetuneTask(Task):
             out[key] = np.ones((batch_size, *shape), dtype)
         return out
 
+    def token_types(self, batch: dict[str, Any]) -> Any:
+        """The batch's token_type_ids if the model has segment embeddings for them: a RoBERTa
+        (one token type, as its tokenizers give none) or DistilBERT (none) reads all zeros, not
+        ids its table lacks."""
+        if getattr(self.cfg.model, "type_vocab_size", 0) < 2:
+            return None
+        return batch.get("token_type_ids")
+
     def init(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
         return self.model.init(
             rng,
             batch["inputs"],
             batch["attention_mask"],
-            batch.get("token_type_ids"),
+            self.token_types(batch),
             deterministic=True,
         )
 
@@ -158,7 +175,7 @@ class FinetuneTask(Task):
             {"params": params},
             batch["inputs"],
             batch["attention_mask"],
-            batch.get("token_type_ids"),
+            self.token_types(batch),
             deterministic=deterministic,
             rngs=None if rng is None else {"dropout": rng},
         )
