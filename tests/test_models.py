@@ -114,18 +114,32 @@ def test_published_parameter_counts():
     assert _count(BertForMaskedLM(PRESETS["bert_base"]), ids) == 109_514_298
 
 
-SHIPPED = sorted(
-    p for p in (Path(__file__).parent.parent / "configs").glob("*.py") if not p.name.startswith("_")
-)
+CONFIGS = Path(__file__).parent.parent / "lmflax" / "configs"
+# Configs that need an argument (a checkpoint folder, or a variant) are traced with the variants
+# that need no download.
+NEEDS_ARG = {"finetune/llama_lm": ("tiny",), "finetune/llama_lora": ("tiny", "8b")}
+SHIPPED = []
+for _p in sorted(CONFIGS.rglob("*.py")):
+    if _p.name.startswith("_"):
+        continue
+    _name = _p.relative_to(CONFIGS).with_suffix("").as_posix()
+    SHIPPED += [f"{_name}:{a}" for a in NEEDS_ARG[_name]] if _name in NEEDS_ARG else [_name]
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
-def test_every_shipped_config_traces_at_full_size(path):
+def test_every_shipped_config_is_traced():
+    from lmflax.config.files import shipped_configs
+
+    assert {s.partition(":")[0] for s in SHIPPED} == set(shipped_configs())
+    assert "finetune/sst2_roberta" in SHIPPED and "gpt_tiny" in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_traces_at_full_size(name):
     """Loads, validates, and traces the jitted train step with jax.eval_shape (nothing allocated)."""
     from lmflax.core.step import train_step
     from lmflax.train import Trainer
 
-    cfg, _ = load_config_file(str(path))
+    cfg, _ = load_config_file(name)
     cfg = resolve(override(cfg, {"mesh.data": 1}))
     trainer = Trainer.create(cfg, init=False)
     batch = {
