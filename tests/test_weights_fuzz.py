@@ -98,13 +98,19 @@ def test_crafted_bin_fields_are_refused_naming_tensor_and_file(seeds, tmp_path, 
 
 
 def test_a_crafted_stride_through_from_pretrained_is_an_error_not_a_segfault(seeds, tmp_path):
-    """The reported crash: a negative stride made from_pretrained segfault (rc 139)."""
+    """The reported crash: a negative stride made from_pretrained segfault (rc 139). Read in a
+    fresh process through what from_pretrained reads with (find_weights, WeightSource: a
+    config.json is checked before any weight is read, so from_pretrained itself stops earlier
+    on a file whose tensors are not a model's)."""
     import subprocess
     import sys
 
     path = _edited_bin(seeds, tmp_path, "views.bin", {(0, "stride", 0): -100})
-    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')  # fmt: skip
-    script = f"import lmflax; lmflax.from_pretrained({str(tmp_path)!r})"
+    script = (
+        "from lmflax.hf.files import WeightSource, find_weights\n"
+        f"src = WeightSource(find_weights({str(tmp_path)!r}))\n"
+        "[src[n] for n in src]"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
