@@ -186,3 +186,21 @@ def test_a_run_from_a_hf_checkpoint_is_named_after_it(tmp_path):
         cfg, model=dataclasses.replace(cfg.model, init_from=f"hf:{hf_dir}")
     )
     assert run_name(from_hf, name) == "all-MiniLM-L6-v2 (BertModel, via config bert_tiny)"
+
+
+@pytest.mark.slow
+def test_a_tpu_plan_prints_no_libtpu_start_up_lines(tmp_path):
+    """Describing a TPU topology makes libtpu write 'could not determine TPU accelerator type'
+    and 'unexpected worker hostname' lines (after the start-up filter); the plan keeps them off
+    the screen and prints its report."""
+    pytest.importorskip("libtpu", reason="the test extra installs libtpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmflax", "plan", "--config=gpt_tiny", "--config.mesh.data=4",
+         "--topology=v5e:2x2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plan for gpt_tiny" in proc.stdout and "fits the v5e chip" in proc.stdout
+    for noise in ("could not determine TPU", "unexpected worker hostname", "Source Location"):
+        assert noise not in proc.stderr, proc.stderr

@@ -14,6 +14,7 @@ import argparse
 from collections.abc import Sequence
 
 from lmflax.cli import common
+from lmflax.cli.quiet import native_stderr_filtered
 from lmflax.train import plan, resolve
 
 
@@ -40,8 +41,14 @@ def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     common.setup_logging(args.quiet)
     common.start_backends()
     cfg, name = common.load_config(args.config, overrides)
+    devices = None
+    if args.topology:
+        # libtpu writes its "could not determine TPU accelerator type" lines when a topology is
+        # described, after the start-up filter: keep them off the screen here too.
+        with native_stderr_filtered():
+            devices = plan.topology_devices(args.topology)
     _, report = plan.main(
-        resolve(cfg), topology=args.topology, peak_tflops=args.peak_tflops, hbm_gbps=args.hbm_gbps
+        resolve(cfg), devices=devices, peak_tflops=args.peak_tflops, hbm_gbps=args.hbm_gbps
     )
     print(f"plan for {name}:\n{report}")
     return 0

@@ -214,15 +214,18 @@ class Plan:
         ]
         if self.xla_flops:
             ratio = self.xla_flops * self.devices / self.model_flops_per_step
-            why = (
-                "rematerialisation, masking, optimizer"
-                if ratio >= 1
-                else "XLA counts a loop body once, so scanned layers are undercounted; the "
-                "step time below uses the model's FLOPs"
-            )
+            if ratio >= 1:
+                why = ": rematerialisation, masking, optimizer"
+            elif ratio < 0.5:
+                why = (
+                    ": XLA counts a loop body once, so scanned layers are undercounted; the "
+                    "step time below uses the model's FLOPs"
+                )
+            else:
+                why = ""
             lines.append(
                 f"XLA counts {self.xla_flops:.4g} FLOPs per device per step "
-                f"({ratio:.2f}× the model's FLOPs: {why})"
+                f"({ratio:.2f}× the model's FLOPs{why})"
             )
         if peak_flops:
             seconds, mfu = self.step_time(peak_flops, hbm_bandwidth)
