@@ -462,3 +462,44 @@ def test_export_with_a_tokenizer_padding_elsewhere_is_refused(tmp_path, torch, t
     other = dataclasses.replace(model.config, pad_token_id=3)
     with pytest.raises(CheckpointError, match=r"pads with id 1, but model.pad_token_id is 3"):
         hf.save_pretrained(other, params, tmp_path / "bad", tokenizer=tok)
+
+
+@pytest.mark.slow
+def test_squad_bert_fine_tunes_a_qa_checkpoint_with_its_tokenizer(tmp_path, torch, transformers):
+    """`--config=finetune/squad_bert:DIR`: a BertForQuestionAnswering saved by transformers with
+    its vocab.txt; model and tokenizer come from DIR, the trainer starts from all its weights
+    (span head included) and runs on mocked squad."""
+    import tensorflow_datasets as tfds
+
+    from lmflax.train import Trainer, run
+
+    words = ["the", "a", "what", "is", "who", "answer", "question", "context", "of", "in"]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = specials + words + letters + [f"##{c}" for c in letters]
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+    )
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertForQuestionAnswering(config).eval().save_pretrained(src)
+    cfg, _ = load_config_file(f"finetune/squad_bert:{src}")
+    sizes = {"data.seq_len": 48, "task.max_query_len": 16, "task.doc_stride": 16}
+    settings = {k: v for k, v in MOCK.items() if not k.startswith(("model.", "data.seq_len"))}
+    cfg = resolve(
+        override(cfg, {**settings, **sizes, "data.data_dir": str(tmp_path), "mesh.data": 1})
+    )
+    assert cfg.data.tokenizer == f"hf:{src}" and cfg.task.name == "qa"
+    trainer = Trainer.create(cfg)
+    _, want = lmflax.from_pretrained(src)
+    got = trainer.state.params
+    jax.tree.map(np.testing.assert_array_equal, dict(got), dict(want))
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        summary = run(cfg, tmp_path / "w", config_name="squad_bert")
+    assert np.isfinite(summary["eval"]["loss"]) and "exact_match" in summary["eval"]
