@@ -370,6 +370,19 @@ def describe_hf_value(family: str, field: str, hf: Mapping[str, Any], derived: A
     )
 
 
+def describe_key(
+    keys: Mapping[str, str], field: str, hf: Mapping[str, Any], derived: Any, architecture: Any
+) -> str:
+    """How config.json expresses lmflax `field` through its HF key in `keys` (lmflax field ->
+    HF key), for mismatch messages; a field with no key is fixed by `architecture`."""
+    if field in keys:
+        key = keys[field]
+        if key in hf:
+            return f"{key}={hf[key]!r}" + ("" if hf[key] == derived else f" (= {derived!r})")
+        return f"{key} unset (= {derived!r})"
+    return f"{derived!r} (fixed by the {architecture} architecture)"
+
+
 def describe_by_keys(
     family: str, keys: Mapping[str, str], field: str, hf: Mapping[str, Any], derived: Any
 ) -> str:

@@ -36,6 +36,7 @@ from lmflax.hf.convert import (
     _dense,
     _need,
     _same,
+    describe_key,
     register_family,
 )
 from lmflax.hf.files import CheckpointError
@@ -347,12 +348,7 @@ def describe(field: str, hf: Mapping[str, Any], derived: Any) -> str:
     if field in ROPE_KEYS:
         key = ROPE_KEYS[field]
         return f"RoPE {key}={rope_parameters(hf, 'config.json').get(key)!r} (= {derived!r})"
-    if field in KEYS:
-        key = KEYS[field]
-        if key in hf:
-            return f"{key}={hf[key]!r}" + ("" if hf[key] == derived else f" (= {derived!r})")
-        return f"{key} unset (= {derived!r})"
-    return f"{derived!r} (fixed by the {hf.get('model_type')} architecture)"
+    return describe_key(KEYS, field, hf, derived, hf.get("model_type"))
 
 
 for _arch in ARCHS:

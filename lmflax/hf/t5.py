@@ -45,6 +45,7 @@ from lmflax.hf.convert import (
     _dense,
     _need,
     _same,
+    describe_key,
     register_family,
 )
 from lmflax.hf.files import CheckpointError
@@ -281,12 +282,7 @@ def build(arch: Architecture, cfg: ModelConfig, num_labels: int | None = None) -
 
 def describe(field: str, hf: Mapping[str, Any], derived: Any) -> str:
     """How a T5 config.json expresses lmflax `field` (for mismatch messages)."""
-    if field in KEYS:
-        key = KEYS[field]
-        if key in hf:
-            return f"{key}={hf[key]!r}" + ("" if hf[key] == derived else f" (= {derived!r})")
-        return f"{key} unset (= {derived!r})"
-    return f"{derived!r} (fixed by the T5 architecture)"
+    return describe_key(KEYS, field, hf, derived, "T5")
 
 
 register_family(
