@@ -12,16 +12,13 @@ import dataclasses
 
 from lmflax.config import override
 from lmflax.configs import squad
-from lmflax.models import PRESETS
+from lmflax.configs.finetune import model_and_tokenizer
 
 
 def get_config(arg: str | None = None):
     cfg = squad.get_config()
     tiny = arg == "tiny"
-    if arg and not tiny:
-        model, tokenizer = f"hf:{arg}", f"hf:{arg}"
-    else:
-        model, tokenizer = PRESETS["bert_tiny" if tiny else "bert_base"], "wordpiece"
+    model, tokenizer = model_and_tokenizer(arg, "bert_tiny", "bert_base")
     return override(
         cfg,
         {

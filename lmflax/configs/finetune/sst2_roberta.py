@@ -12,20 +12,14 @@ import dataclasses
 
 from lmflax.config import TaskConfig, override
 from lmflax.configs import bert_tiny
-from lmflax.models import PRESETS
+from lmflax.configs.finetune import model_and_tokenizer
 
 
 def get_config(arg: str | None = None):
     cfg = bert_tiny.get_config()
     tiny = arg == "tiny"
-    if arg and not tiny:
-        model, tokenizer = f"hf:{arg}", f"hf:{arg}"
-    else:
-        # lmflax's wordpiece tokenizer pads with id 0 (RoBERTa's own tokenizer with 1).
-        model = dataclasses.replace(
-            PRESETS["roberta_tiny" if tiny else "roberta_base"], pad_token_id=0
-        )
-        tokenizer = "wordpiece"
+    # lmflax's wordpiece tokenizer pads with id 0 (RoBERTa's own tokenizer with 1).
+    model, tokenizer = model_and_tokenizer(arg, "roberta_tiny", "roberta_base", pad_token_id=0)
     return override(
         cfg,
         {
