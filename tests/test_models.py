@@ -117,7 +117,11 @@ def test_published_parameter_counts():
 CONFIGS = Path(__file__).parent.parent / "lmflax" / "configs"
 # Configs that need an argument (a checkpoint folder, or a variant) are traced with the variants
 # that need no download.
-NEEDS_ARG = {"finetune/llama_lm": ("tiny",), "finetune/llama_lora": ("tiny", "8b")}
+NEEDS_ARG = {
+    "finetune/llama_lm": ("tiny",),
+    "finetune/llama_lora": ("tiny", "8b"),
+    "finetune/llama_instruct": ("tiny", "8b"),
+}
 SHIPPED = []
 for _p in sorted(CONFIGS.rglob("*.py")):
     if _p.name.startswith("_"):

@@ -28,6 +28,8 @@ def installed(tmp_path_factory) -> Path:
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
     assert "lmflax/configs/gpt_tiny.py" in names
+    # Data that a shipped config reads (package-data in pyproject.toml).
+    assert "lmflax/configs/finetune/data/pystdlib_instruct.jsonl" in names
     assert "lmflax/cli/__init__.py" in names
     assert not any(n.startswith(("tests/", "configs/", "benchmarks/")) for n in names)
     target = tmp / "site"

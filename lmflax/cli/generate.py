@@ -65,7 +65,9 @@ def generate(
         with run.trainer.context():
             outputs = run.task.generate_text(run.params, list(prompts), rng)
     except NotImplementedError as e:
-        raise ConfigError(f"{e} (generation works for 'causal_lm' and 'seq2seq')") from None
+        raise ConfigError(
+            f"{e} (generation works for 'causal_lm', 'instruct' and 'seq2seq')"
+        ) from None
     cfg = run.cfg
     print(f"# {cfg.task.name} model from {workdir} at step {run.step}; {describe(cfg)}", file=out)
     for prompt, text in zip(prompts, outputs, strict=True):

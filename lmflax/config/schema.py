@@ -42,6 +42,9 @@ class ModelSection:
         return []
 
 
+CHAT_TEMPLATES = ("auto", "tokenizer", "plain")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TaskConfig:
     """What the model is trained to do.
@@ -63,6 +66,11 @@ class TaskConfig:
     ([CLS]) or 'mean' for BERT, 'last' (last real token) or 'mean' for GPT, 'auto' = pooled /
     last. QA: questions are cut to max_query_len tokens, contexts split into windows starting
     doc_stride tokens apart, answers at most max_answer_len tokens long.
+    Instruction tuning ('instruct', lmflax.tasks.instruct: a decoder trained on a record's
+    source_key prompt -> target_key response, the loss on the response only): chat_template
+    'auto' formats examples with the tokenizer's chat template when it has one and the plain
+    '### Instruction: / ### Response:' format otherwise; 'tokenizer' requires the template,
+    'plain' never uses it. system_prompt, when set, is the conversation's first (system) turn.
     """
 
     name: str = "causal_lm"
@@ -80,6 +88,8 @@ class TaskConfig:
     target_key: str = "targets"
     target_len: int = 128
     metrics: tuple[str, ...] = ("bleu",)
+    chat_template: str = "auto"
+    system_prompt: str = ""
 
     def validate(self) -> list[str]:
         """The problems of this section as messages (empty = valid). Whether `name` is a known
@@ -99,6 +109,11 @@ class TaskConfig:
         if self.mlm_max_predictions and self.name != "mlm":
             errs.append(
                 f"task.mlm_max_predictions is for task 'mlm', but task.name is {self.name!r}"
+            )
+        if self.chat_template not in CHAT_TEMPLATES:
+            errs.append(
+                f"task.chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got "
+                f"{self.chat_template!r}"
             )
         for name in ("target_len", "num_labels", "max_query_len", "doc_stride", "max_answer_len"):
             if getattr(self, name) <= 0:

@@ -20,7 +20,7 @@ pipelines, sharding, resume and evaluation:
   qa                           text_key: context; 'question': text; 'answers': SQuAD-style,
                                {'text': [...], 'answer_start': [...]} (or one of each), or the
                                columns 'answer_text' and 'answer_start'
-  seq2seq                      task.source_key, task.target_key: texts
+  seq2seq, instruct            task.source_key, task.target_key: texts
 
 A feature is read from the column of its name unless data.fields maps it ('question=query').
 Labels: data.label_names fixes the label set in id order; without it the set is the training
@@ -114,14 +114,14 @@ def task_fields(cfg: Config) -> list[Field]:
             f("question", "text", "data.fields question=..."),
             f("answers", "answers", "data.fields answers=..."),
         ]
-    if task == "seq2seq":
+    if task in ("seq2seq", "instruct"):
         return [
             f(cfg.task.source_key, "text", "task.source_key"),
             f(cfg.task.target_key, "text", "task.target_key"),
         ]
     raise ConfigError(
         f"task {task!r} cannot read a file dataset (data.dataset={d.dataset!r}); file datasets "
-        f"serve {', '.join((*_LM_TASKS, 'classification', 'tagging', 'qa', 'seq2seq'))}"
+        f"serve {', '.join((*_LM_TASKS, 'classification', 'tagging', 'qa', 'seq2seq', 'instruct'))}"
     )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from lmflax.data.chat import TEMPLATE_FILE, read_chat_template
 from lmflax.data.hub import CheckpointError, model_dir
 from lmflax.data.tokenizers import Tokenizer
 
@@ -125,6 +126,7 @@ class HFTokenizer:
     model_max_length: the longest input the model takes (None = no limit known).
     model_input_names: which arrays __call__ returns.
     config: the directory's tokenizer_config.json, written back by `save`.
+    chat_template: the directory's Jinja chat template, if it has one (lmflax.data.chat).
     """
 
     backend: tokenizers.Tokenizer
@@ -134,6 +136,7 @@ class HFTokenizer:
     padding_side: str = "right"
     truncation_side: str = "right"
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         # Padding and truncation live on the backend; a lock keeps concurrent calls apart.
@@ -206,6 +209,7 @@ class HFTokenizer:
             padding_side=cfg.get("padding_side", "right"),
             truncation_side=cfg.get("truncation_side", "right"),
             config=dict(cfg),
+            chat_template=read_chat_template(directory, cfg),
         )
 
     # -- special tokens -------------------------------------------------------------------
@@ -346,8 +350,29 @@ class HFTokenizer:
     # -- conversion and saving ------------------------------------------------------------
 
     def to_lmflax(self) -> Tokenizer:
-        """The same vocabulary as an lmflax data-pipeline `Tokenizer` (an independent copy)."""
-        return Tokenizer.from_backend(tokenizers.Tokenizer.from_str(self.backend.to_str()))
+        """The same vocabulary as an lmflax data-pipeline `Tokenizer` (an independent copy), with
+        the special tokens this directory names taking the place of the ones found by their
+        usual spellings (Llama 3's eos is '<|end_of_text|>', not '</s>'), and its chat template."""
+        found = Tokenizer.from_backend(tokenizers.Tokenizer.from_str(self.backend.to_str()))
+        named = {
+            field: self.token_id(key)
+            for field, key in (
+                ("eos_id", "eos_token"),
+                ("pad_id", "pad_token"),
+                ("bos_id", "bos_token"),
+                ("unk_id", "unk_token"),
+                ("cls_id", "cls_token"),
+                ("sep_id", "sep_token"),
+                ("mask_id", "mask_token"),
+            )
+            if self.token_id(key) is not None
+        }
+        return dataclasses.replace(
+            found,
+            **named,
+            chat_template=self.chat_template,
+            special_tokens=tuple(sorted(self.special_tokens.items())),
+        )
 
     def save(self, path: str | Path) -> None:
         """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json to `path`
@@ -367,6 +392,8 @@ class HFTokenizer:
             gpt2_like = "token_type_ids" not in self.model_input_names
             cfg["tokenizer_class"] = "GPT2Tokenizer" if gpt2_like else "BertTokenizer"
         (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if self.chat_template is not None and "chat_template" not in cfg:
+            (out / TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
         (out / "special_tokens_map.json").write_text(
             json.dumps(self.special_tokens, indent=2) + "\n"
         )

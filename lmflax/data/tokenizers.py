@@ -24,6 +24,9 @@ class Tokenizer:
 
     For BPE, eos_id (<|endoftext|>) also starts documents, as in GPT-2. For WordPiece, the BERT
     tokens [CLS] [SEP] [MASK] [PAD] [UNK] are set. Ids that a tokenizer lacks are None.
+    A Hugging Face directory's tokenizer also carries its bos_id, its chat template (Jinja text,
+    lmflax.data.chat) and its special tokens by role ((('eos_token', '</s>'), ...)), which
+    chat templates read.
     """
 
     backend: tokenizers.Tokenizer
@@ -33,6 +36,9 @@ class Tokenizer:
     sep_id: int | None = None
     mask_id: int | None = None
     unk_id: int | None = None
+    bos_id: int | None = None
+    chat_template: str | None = None
+    special_tokens: tuple[tuple[str, str], ...] = ()
 
     @property
     def vocab_size(self) -> int:

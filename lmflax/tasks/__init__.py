@@ -3,6 +3,7 @@
 
 from lmflax.tasks.base import Task
 from lmflax.tasks.classification import SequenceClassification
+from lmflax.tasks.instruct import InstructionTuning
 from lmflax.tasks.lm import CausalLM, MaskedLM
 from lmflax.tasks.qa import QuestionAnswering
 from lmflax.tasks.seq2seq import Seq2Seq
@@ -13,6 +14,7 @@ TASKS: dict[str, type[Task]] = {
     t.name: t
     for t in (
         CausalLM,
+        InstructionTuning,
         MaskedLM,
         SequenceClassification,
         TokenClassification,
@@ -31,6 +33,7 @@ def make_task(cfg) -> Task:
 __all__ = [
     "TASKS",
     "CausalLM",
+    "InstructionTuning",
     "MaskedLM",
     "QuestionAnswering",
     "Seq2Seq",

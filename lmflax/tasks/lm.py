@@ -42,7 +42,7 @@ class CausalLM(Task):
     def build_model(self) -> GPT:
         if not isinstance(self.cfg.model, GPTConfig):
             raise ConfigError(
-                f"task 'causal_lm' trains a GPT decoder; model family is {self.cfg.model.family!r}"
+                f"task {self.name!r} trains a GPT decoder; model family is {self.cfg.model.family!r}"
             )
         return GPT(self.cfg.model)
 
@@ -87,7 +87,7 @@ class CausalLM(Task):
         if t.sample_tokens == 0:
             return None
         tok = self.tokenizer
-        prompt = [tok.eos_id, *tok.encode(t.sample_prompt)]
+        prompt = self.prompt_ids(t.sample_prompt)
         limit = (
             self.cfg.model.max_len if self.cfg.model.position in ("learned", "sinusoidal") else None
         )
@@ -105,10 +105,14 @@ class CausalLM(Task):
         )
         return t.sample_prompt + tok.decode(np.asarray(out[0, len(prompt) :]))
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The ids generation starts from: <|endoftext|> (GPT-2's document start) + the text."""
+        return [self.tokenizer.eos_id, *self.tokenizer.encode(prompt)]
+
     def generate_text(self, params: Any, prompts: list[str], rng: jax.Array) -> list[str]:
         """Continues each prompt (left-padded into one batch), as `cfg.generate` says."""
         tok, c = self.tokenizer, self.cfg
-        ids, mask = decode.left_pad([[tok.eos_id, *tok.encode(p)] for p in prompts], tok.pad_id)
+        ids, mask = decode.left_pad([self.prompt_ids(p) for p in prompts], tok.pad_id)
         rows = -(-len(prompts) // jax.device_count()) * jax.device_count()  # the batch is sharded
         ids = np.concatenate([ids, np.repeat(ids[:1], rows - len(prompts), axis=0)])
         mask = np.concatenate([mask, np.repeat(mask[:1], rows - len(prompts), axis=0)])

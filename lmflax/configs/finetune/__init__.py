@@ -1,9 +1,16 @@
 """Fine-tuning configs that start from a pretrained Hugging Face checkpoint."""
 
 import dataclasses
+import hashlib
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from lmflax.models import PRESETS
+import jax
+
+from lmflax import hf
+from lmflax.models import GPT, PRESETS
 
 
 def model_and_tokenizer(arg: str | None, tiny: str, full: str, **changes: Any) -> tuple[Any, str]:
@@ -14,3 +21,23 @@ def model_and_tokenizer(arg: str | None, tiny: str, full: str, **changes: Any) -
         return f"hf:{arg}", f"hf:{arg}"
     model = PRESETS[tiny if arg == "tiny" else full]
     return (dataclasses.replace(model, **changes) if changes else model), "wordpiece"
+
+
+def tiny_llama_checkpoint() -> Path:
+    """A random llama_tiny saved as a Hugging Face LlamaForCausalLM directory (seed 0)."""
+    model = PRESETS["llama_tiny"]
+    digest = hashlib.sha256(repr(model).encode()).hexdigest()[:12]  # a new preset, a new dir
+    path = Path(tempfile.gettempdir()) / f"lmflax-llama-tiny-{digest}"
+    if not (path / "model.safetensors").exists():
+        ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
+        params = GPT(model).init(jax.random.key(0), ids, deterministic=True)["params"]
+        # Written aside, then renamed: concurrent runs never see half a directory.
+        part = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=path.parent))
+        hf.save_pretrained(model, params, part)
+        try:
+            os.rename(part, path)
+        except OSError:  # another process finished first: its directory is the same
+            for f in part.iterdir():
+                f.unlink()
+            part.rmdir()
+    return path

@@ -11,12 +11,7 @@ lmflax's BPE tokenizer, so the whole export -> init_from -> train path runs with
 """
 
 import dataclasses
-import hashlib
-import os
-import tempfile
 from pathlib import Path
-
-import jax
 
 from lmflax import hf
 from lmflax.config import (
@@ -27,27 +22,7 @@ from lmflax.config import (
     TaskConfig,
     TrainConfig,
 )
-from lmflax.models import GPT, PRESETS
-
-
-def _tiny_checkpoint() -> Path:
-    """A random llama_tiny saved as a Hugging Face LlamaForCausalLM directory (seed 0)."""
-    model = PRESETS["llama_tiny"]
-    digest = hashlib.sha256(repr(model).encode()).hexdigest()[:12]  # a new preset, a new dir
-    path = Path(tempfile.gettempdir()) / f"lmflax-llama-tiny-{digest}"
-    if not (path / "model.safetensors").exists():
-        ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
-        params = GPT(model).init(jax.random.key(0), ids, deterministic=True)["params"]
-        # Written aside, then renamed: concurrent runs never see half a directory.
-        part = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=path.parent))
-        hf.save_pretrained(model, params, part)
-        try:
-            os.rename(part, path)
-        except OSError:  # another process finished first: its directory is the same
-            for f in part.iterdir():
-                f.unlink()
-            part.rmdir()
-    return path
+from lmflax.configs.finetune import tiny_llama_checkpoint
 
 
 def get_config(arg: str = "") -> Config:
@@ -56,7 +31,7 @@ def get_config(arg: str = "") -> Config:
             "give the model: configs/finetune/llama_lm.py:/path/to/hf-model-dir (or :tiny)"
         )
     tiny = arg == "tiny"
-    directory = _tiny_checkpoint() if tiny else Path(arg).expanduser()
+    directory = tiny_llama_checkpoint() if tiny else Path(arg).expanduser()
     model = hf.model_config(directory, dropout_rate=0.0)
     data = DataConfig(
         dataset="lmflax_pystdlib",

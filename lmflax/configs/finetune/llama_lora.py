@@ -8,7 +8,7 @@ and MLP projection, the frozen base stored in bfloat16, only the adapters traine
 `:8b` has Llama-3-8B's shapes (32 layers of 4096, 32 query / 8 key-value heads, d_ff 14336,
 a 128,256-token vocabulary, llama3 RoPE) with random frozen weights: for planning whether a
 mesh fits before downloading anything. The data is the embedded corpus (causal LM over every
-token); instruction tuning with the prompt masked out of the loss is not built yet.
+token); finetune/llama_instruct is instruction tuning, the prompt masked out of the loss.
 """
 
 import dataclasses
