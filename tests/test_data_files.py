@@ -887,7 +887,9 @@ def test_csv_finetuning_trains_evaluates_and_resumes_exactly_after_kill(tmp_path
         "--config.data.text_key=sentence",
     ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_train([f"--workdir={straight}", *args], str(tmp_path / "tfds"))
+    first = run_train([f"--workdir={straight}", *args], str(tmp_path / "tfds"))
+    # The conversion's TFDS chatter stays off the first screen, as the embedded corpus's does.
+    assert "Downloading and preparing" not in first.stdout + first.stderr
     _kill_after_checkpoint_and_resume(args, killed, tmp_path / "tfds")
     assert _metrics(killed, "metrics.jsonl") == _metrics(straight, "metrics.jsonl")
     evals = _metrics(straight, "eval_metrics.jsonl")

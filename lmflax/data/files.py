@@ -666,9 +666,10 @@ def _write(plan: Plan, tmp: Path) -> None:
             data_dir=str(tmp),
             file_format="array_record",
         )
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-        )
+        with sources.quiet_tfds():  # its "Downloading and preparing ..." lines are not ours
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+            )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
