@@ -185,13 +185,15 @@ class DataConfig:
 
     Your own files (lmflax.data.files; converted once to ArrayRecord, cached by content hash):
     dataset 'text:DIR_OR_GLOB' (text_per: 'file' = one document per file, 'line' = per line),
-    'jsonl:PATH', 'csv:PATH', 'tsv:PATH' or 'parquet:PATH' (a file, a directory or a glob), or
+    'jsonl:PATH', 'csv:PATH', 'tsv:PATH' or 'parquet:PATH' (a file, a directory or a glob),
+    'hf-disk:DIR' (a Hugging Face `datasets` save_to_disk folder; a DatasetDict's own splits), or
     'KIND:train=PATH,validation=PATH' with a file per split. Without a validation file,
     validation_fraction of the records (chosen by a hash of their content) become the
     'validation' split. Columns: text_key (the text; a fine-tuning task's words or context),
     label_key (a class name or id; a list of tags for tagging), others by `fields`
     ('feature=column,...', e.g. 'question=query,answers=gold'). label_names: the label set in
-    id order (empty = the training rows' distinct labels, sorted).
+    id order (empty = an hf-disk ClassLabel's names, else the training rows' distinct labels,
+    sorted).
     """
 
     dataset: str = "lmflax_pystdlib"
@@ -246,14 +248,13 @@ class DataConfig:
 
 # File datasets (`data.dataset='KIND:...'`, read by lmflax.data.files): the kinds, and the
 # prefixes a user might try that name no kind.
-FILE_KINDS = ("text", "jsonl", "csv", "tsv", "parquet")
+FILE_KINDS = ("text", "jsonl", "csv", "tsv", "parquet", "hf-disk")
 _NOT_FILE_KINDS = {
     "json": "jsonl (one JSON object per line)",
     "ndjson": "jsonl",
     "jsonlines": "jsonl",
     "txt": "text",
-    "hf-disk": "parquet (save with Dataset.to_parquet(PATH))",
-    "file": "text, jsonl, csv, tsv or parquet",
+    "file": "text, jsonl, csv, tsv, parquet or hf-disk",
 }
 
 

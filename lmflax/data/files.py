@@ -3,8 +3,11 @@
 Kinds: 'text' (a directory of .txt files, a glob or a file; one document per file, or per
 non-blank line with data.text_per='line'), 'jsonl' (one JSON object per line), 'csv' / 'tsv'
 (a header row, then one record per row; a '.tsv' file is tab-separated and a '.csv' file
-comma-separated under either kind, other names as the kind says) and
-'parquet' (needs the `pyarrow` package, imported only for these). `KIND:train=P,validation=Q`
+comma-separated under either kind, other names as the kind says),
+'parquet' (needs the `pyarrow` package, imported only for these) and 'hf-disk' (a folder
+written by Hugging Face `datasets`' `save_to_disk`, read with the `datasets` package, imported
+only for these: a DatasetDict's splits are the dataset's splits, except that a lone 'train' is
+carved like one file; a `ClassLabel` column's ids are read as its names, in its id order). `KIND:train=P,validation=Q`
 gives each split its own files; otherwise data.validation_fraction of the records (the ones
 whose content hashes lowest: deterministic, independent of file order, duplicates together)
 form the 'validation' split and the rest 'train'.
@@ -68,6 +71,7 @@ _EXTENSIONS = {
     "csv": (".csv", ".tsv"),
     "tsv": (".tsv",),
     "parquet": (".parquet",),
+    "hf-disk": (),
 }
 _LM_TASKS = ("causal_lm", "mlm", "word2vec")
 
@@ -129,6 +133,8 @@ def expand(pattern: str, kind: str) -> list[Path]:
     """The files `pattern` names: a file, a directory (its files with the kind's extensions,
     recursively, hidden ones skipped) or a glob ('**' recursive); sorted. DataError if none."""
     path = Path(os.path.expanduser(pattern))
+    if kind == "hf-disk":
+        return [_hf_disk_folder(pattern)]
     if glob.has_magic(pattern):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     elif path.is_dir():
@@ -153,11 +159,28 @@ def expand(pattern: str, kind: str) -> list[Path]:
     return files
 
 
+def _hf_disk_folder(pattern: str) -> Path:
+    path = Path(os.path.expanduser(pattern))
+    if not path.is_dir():
+        raise DataError(f"{pattern}: no such directory (data.dataset 'hf-disk:' names a folder)")
+    if not any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
+        raise DataError(
+            f"{pattern}: not a folder written by datasets' save_to_disk (it has neither "
+            "dataset_dict.json nor state.json)"
+        )
+    return path
+
+
 def _digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (names and bytes, in sorted order)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in paths:
+        if path.is_dir():
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -299,6 +322,78 @@ def _parquet_records(
             yield f"{path} row {n}", row
 
 
+def _load_from_disk(path: Path) -> Any:
+    """The `datasets.Dataset` or `DatasetDict` saved at `path`."""
+    try:
+        import datasets  # optional: only 'hf-disk:' folders need it
+    except ImportError:
+        raise DataError(
+            f"{path}: reading a save_to_disk folder needs the 'datasets' package "
+            "(pip install datasets)"
+        ) from None
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError, ArrowInvalid, JSON errors, ...
+        raise DataError(f"{path}: not a readable datasets save_to_disk folder ({e})") from None
+
+
+def _class_names(feature: Any) -> tuple[str, ...] | None:
+    """The names of a ClassLabel feature, or of a sequence of them; None for other features."""
+    inner = getattr(feature, "feature", feature)  # Sequence(ClassLabel) / List(ClassLabel)
+    names = getattr(inner, "names", None)
+    return tuple(names) if names else None
+
+
+def hf_disk_splits(path: Path) -> dict[str, list[Path]]:
+    """The splits of a save_to_disk folder: {split: [its folder]}, or {'': [path]} for one
+    Dataset (or a DatasetDict with only 'train'), whose validation split is carved off."""
+    index = path / "dataset_dict.json"
+    if not index.is_file():
+        return {"": [path]}
+    try:
+        names = json.loads(index.read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{index}: not a datasets split index ({e!r})") from None
+    if not isinstance(names, list) or "train" not in names:
+        raise DataError(f"{index}: the DatasetDict has splits {names}, none named 'train'")
+    if names == ["train"]:
+        return {"": [path / "train"]}
+    return {str(n): [path / str(n)] for n in names}
+
+
+def hf_disk_label_names(path: Path, column: str) -> tuple[str, ...] | None:
+    """The ClassLabel names of `column` in a save_to_disk folder (None if not a ClassLabel)."""
+    ds = _load_from_disk(path)
+    feature = ds.features.get(column) if hasattr(ds, "features") else None
+    return None if feature is None else _class_names(feature)
+
+
+def _hf_disk_records(path: Path, columns: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    ds = _load_from_disk(path)
+    if not hasattr(ds, "column_names") or isinstance(ds.column_names, dict):
+        raise DataError(
+            f"{path}: a DatasetDict; give its folder as 'hf-disk:DIR' or each split's "
+            "folder as 'hf-disk:train=DIR/train,validation=DIR/validation'"
+        )
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{path}: no column {', '.join(map(repr, missing))}; its columns are "
+            f"{ds.column_names} (set data.text_key / data.label_key / data.fields)"
+        )
+    names = {c: _class_names(f) for c, f in ds.features.items()}
+    for n, row in enumerate(ds, start=1):
+        for column, labels in names.items():
+            value = row.get(column)
+            if labels is None or value is None:
+                continue
+            if isinstance(value, list):
+                row[column] = [labels[v] if 0 <= v < len(labels) else v for v in value]
+            elif 0 <= value < len(labels):
+                row[column] = labels[value]
+        yield f"{path} row {n}", row
+
+
 def raw_records(
     kind: str, path: Path, columns: list[str], optional: list[str], text_per: str
 ) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -310,6 +405,8 @@ def raw_records(
         return _jsonl_records(path)
     if kind in ("csv", "tsv"):
         return _csv_records(path, kind, columns)
+    if kind == "hf-disk":
+        return _hf_disk_records(path, columns)
     return _parquet_records(path, columns, optional)
 
 
@@ -706,15 +803,25 @@ def plan_for(cfg: Config) -> Plan:
             f"{cfg.task.name!r} needs the fields {[f.feature for f in fields]}; give a jsonl, "
             "csv or parquet file"
         )
+    splits = {split: expand(pattern, kind) for split, pattern in specs.items()}
+    label_names = tuple(d.label_names)
+    if kind == "hf-disk":
+        if list(splits) == [""]:
+            splits = hf_disk_splits(splits[""][0])
+        label_field = next((f for f in fields if f.kind in ("label", "tags")), None)
+        if label_field is not None and not label_names:
+            # A ClassLabel fixes the label set in its own id order, as a TFDS ClassLabel does.
+            train = splits.get("train", splits.get(""))
+            label_names = hf_disk_label_names(train[0], label_field.column) or ()
     return Plan(
         dataset=d.dataset,
         kind=kind,
-        splits={split: expand(pattern, kind) for split, pattern in specs.items()},
+        splits=splits,
         fields=fields,
         names=field_map(d.fields),
         text_per=d.text_per,
         fraction=d.validation_fraction,
-        label_names=tuple(d.label_names),
+        label_names=label_names,
     )
 
 
