@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from lmflax.hf import lazy
 from lmflax.hf.files import CheckpointError
 from lmflax.models import (
     GPT,
@@ -793,7 +794,8 @@ def tensors_to_params(
     strict: bool,
 ) -> tuple[dict[Path_, np.ndarray], list[str]]:
     """Reads the checkpoint through the rules: {lmflax path: array} and the checkpoint tensors
-    left unused (heads this module lacks). Every missing tensor, wrong shape, or (if strict)
+    left unused (heads this module lacks). With `read` giving lazy tensors (WeightSource.lazy)
+    the values are lazy views, read block by block later. Every missing tensor, wrong shape, or (if strict)
     unknown tensor is reported at once in a CheckpointError."""
     original = {normalize_name(n): n for n in names}
     errs: list[str] = []
@@ -823,11 +825,12 @@ def tensors_to_params(
             continue
         arrays = rule.to_lmflax(*(read(original[n]) for n in rule.hf))
         for path, arr, shape in zip(rule.paths, arrays, rule.shapes):
-            out[path] = np.asarray(arr).reshape(shape)
+            # A lazy tensor (lmflax.hf.lazy) stays lazy: reshaped as a view, read later.
+            out[path] = (arr if isinstance(arr, lazy.Lazy) else np.asarray(arr)).reshape(shape)
     for name, target in lay.tied.items():
         if name in original and target in original and not errs:
             a, b = read(original[name]), read(original[target])
-            if a.shape != b.shape or not np.array_equal(a, b):
+            if not lazy.array_equal(a, b):
                 errs.append(
                     f"{where(original[name])}: {name!r} is not a copy of {target!r}; lmflax ties "
                     "these weights (an untied output layer is not supported for this model)"

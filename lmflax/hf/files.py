@@ -9,6 +9,7 @@ torch is not needed.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -25,6 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lmflax.data.hub import CheckpointError, missing_files_hint, model_dir, read_json
+from lmflax.hf.lazy import Blob, View, read_counter
 
 _MAX_DIMS = 64  # numpy's limit on the number of dimensions
 
@@ -65,6 +67,7 @@ class WeightSource(Mapping[str, np.ndarray]):
         self._where: dict[str, Path] = {}
         self._safetensors: dict[Path, Any] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}  # of the safetensors tensors, from the header
+        self._entries: dict[str, _Entry] = {}
         self._torch: dict[Path, _TorchZip] = {}
         files = self._shards(self.path) if self.path.name.endswith(".index.json") else None
         try:
@@ -77,9 +80,10 @@ class WeightSource(Mapping[str, np.ndarray]):
     def _open(self, f: Path) -> None:
         """Opens one weight file (after checking what it states) and records its tensors."""
         if f.name.endswith(".safetensors"):
-            shapes = _check_safetensors_header(f)
-            self._shapes.update(shapes)
-            names = list(shapes)
+            entries = _safetensors_entries(f)
+            self._entries.update(entries)
+            self._shapes.update({n: e.shape for n, e in entries.items()})
+            names = list(entries)
             try:
                 handle = safe_open(str(f), framework="np")
             except BaseException as e:  # the Rust reader can panic (a BaseException)
@@ -118,14 +122,27 @@ class WeightSource(Mapping[str, np.ndarray]):
     def __getitem__(self, name: str) -> np.ndarray:
         f = self._where[name]
         if f not in self._safetensors:
-            return self._torch[f].read(name)
+            array = self._torch[f].read(name)
+            read_counter.bytes += array.nbytes
+            return array
         try:
             array = self._safetensors[f].get_tensor(name)
         except BaseException as e:  # the Rust reader can panic (a BaseException)
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
             raise CheckpointError(f"{f}: tensor {name!r} cannot be read: {_describe(e)}") from None
+        read_counter.bytes += array.nbytes
         return array
+
+    def lazy(self, name: str) -> Any:
+        """The tensor `name` as an `lmflax.hf.lazy.View`: nothing is read until a block of it
+        is (`view.read(index)`), and then only that block's bytes. A tensor of a PyTorch .bin
+        archive has no such view: it is read whole (this one tensor) and returned as an array."""
+        f = self._where[name]
+        if f not in self._safetensors:
+            return self[name]
+        e = self._entries[name]
+        return View(Blob(f, e.start, e.dtype, e.shape, name))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -148,6 +165,7 @@ class WeightSource(Mapping[str, np.ndarray]):
         self._safetensors.clear()
         self._torch.clear()
         self._shapes.clear()
+        self._entries.clear()
 
     def __enter__(self) -> WeightSource:
         return self
@@ -213,6 +231,21 @@ _SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library's own li
 def _check_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} from a safetensors file's header, after checking every dtype, shape
     and data offset in it against the file (CheckpointError naming the tensor and file)."""
+    return {name: e.shape for name, e in _safetensors_entries(path).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """A checked safetensors header entry: where its bytes start in the file, dtype, shape."""
+
+    start: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def _safetensors_entries(path: Path) -> dict[str, _Entry]:
+    """The checked header of a safetensors file (see `_check_safetensors_header`): each tensor's
+    absolute byte offset in the file, its little-endian dtype and its shape."""
     bad = f"{path} is not a readable safetensors file"
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -234,7 +267,7 @@ def _check_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{bad}: its header is a {type(header).__name__}, not an object")
     data_size = size - 8 - n
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes: dict[str, _Entry] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -274,7 +307,9 @@ def _check_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
                 f"{where} of dtype {dtype} and shape {shape} needs {nbytes} bytes, but its "
                 f"data_offsets {offsets} span {offsets[1] - offsets[0]}"
             )
-        shapes[str(name)] = tuple(shape)
+        shapes[str(name)] = _Entry(
+            8 + n + offsets[0], np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<"), tuple(shape)
+        )
     return shapes
 
 
