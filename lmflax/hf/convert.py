@@ -854,14 +854,13 @@ def tensors_to_params(
     return out, unused + unknown
 
 
-def params_to_tensors(
-    lay: Layout, flat: Mapping[Path_, np.ndarray], what: str
-) -> dict[str, np.ndarray]:
-    """lmflax parameters {path: array} -> checkpoint tensors, through the rules. Every lmflax
-    parameter must be consumed: one the architecture cannot hold is an error."""
+def export_rules(lay: Layout, flat: Mapping[Path_, Any], what: str) -> list[Rule]:
+    """The rules that turn lmflax parameters `flat` ({path: anything with a `.shape`}) into
+    checkpoint tensors, after checking every parameter is there with the shape the config
+    implies and that each is consumed (one the architecture cannot hold is an error)."""
     errs = []
-    out: dict[str, np.ndarray] = {}
     used = set()
+    rules = []
     for rule in lay.rules:
         missing = [fmt_path(p) for p in rule.paths if p not in flat]
         if missing:
@@ -876,15 +875,32 @@ def params_to_tensors(
             errs.extend(bad)
             continue
         used.update(rule.paths)
-        for name, arr, shape in zip(
-            rule.hf, rule.to_hf(*(flat[p] for p in rule.paths)), rule.hf_shapes
-        ):
-            out[name] = np.ascontiguousarray(np.asarray(arr).reshape(shape))
+        rules.append(rule)
     extra = [fmt_path(p) for p in flat if p not in used]
     if extra:
         errs.append(f"parameters with no place in the checkpoint: {', '.join(extra)}")
     if errs:
         raise CheckpointError(f"{what}: " + "; ".join(errs))
+    return rules
+
+
+def rule_to_hf(rule: Rule, arrays: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+    """One rule's checkpoint tensors from its lmflax parameters (host arrays, in rule.paths
+    order), C-contiguous in the checkpoint's shapes."""
+    return {
+        name: np.ascontiguousarray(np.asarray(arr).reshape(shape))
+        for name, arr, shape in zip(rule.hf, rule.to_hf(*arrays), rule.hf_shapes)
+    }
+
+
+def params_to_tensors(
+    lay: Layout, flat: Mapping[Path_, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
+    """lmflax parameters {path: array} -> checkpoint tensors, through the rules. Every lmflax
+    parameter must be consumed: one the architecture cannot hold is an error."""
+    out: dict[str, np.ndarray] = {}
+    for rule in export_rules(lay, flat, what):
+        out.update(rule_to_hf(rule, [flat[p] for p in rule.paths]))
     return out
 
 

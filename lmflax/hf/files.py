@@ -123,7 +123,7 @@ class WeightSource(Mapping[str, np.ndarray]):
         f = self._where[name]
         if f not in self._safetensors:
             array = self._torch[f].read(name)
-            read_counter.bytes += array.nbytes
+            read_counter.add(array.nbytes)
             return array
         try:
             array = self._safetensors[f].get_tensor(name)
@@ -131,7 +131,7 @@ class WeightSource(Mapping[str, np.ndarray]):
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
             raise CheckpointError(f"{f}: tensor {name!r} cannot be read: {_describe(e)}") from None
-        read_counter.bytes += array.nbytes
+        read_counter.add(array.nbytes)
         return array
 
     def lazy(self, name: str) -> Any:
@@ -632,3 +632,127 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
     """Writes `tensors` as one safetensors file with the metadata transformers expects."""
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), {"format": "pt"})
+
+
+_DTYPE_NAMES = {np.dtype(t): name for name, t in _SAFETENSORS_DTYPES.items()}
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a size such as '5GB' (10^9) or '500MiB' (2^20), as transformers'
+    `max_shard_size` takes them; ValueError naming the accepted forms otherwise."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    if isinstance(size, str):
+        text = size.strip().upper().replace(" ", "")
+        for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+            number = text.removesuffix(unit)
+            if number != text:
+                try:
+                    value = float(number)
+                except ValueError:
+                    break
+                if value > 0:
+                    return max(1, int(value * _SIZE_UNITS[unit]))
+                break
+    raise ValueError(
+        f"max_shard_size is {size!r}; accepted: a positive number of bytes, or a string such as "
+        f"'5GB', '200MB', '500MiB' (units {', '.join(_SIZE_UNITS)})"
+    )
+
+
+def plan_shards(nbytes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
+    """Tensor names (in order) grouped into shards as transformers groups them: a shard is
+    closed when the next tensor would take it past `max_shard_size`; a tensor larger than that
+    gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, n in nbytes.items():
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def write_safetensors_stream(
+    directory: Path,
+    specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    tensors: Iterator[tuple[str, np.ndarray]],
+    max_shard_size: int | str = "5GB",
+    *,
+    write: bool = True,
+) -> list[Path]:
+    """Writes tensors as they come into `model.safetensors`, or, past `max_shard_size`, into
+    `model-0000k-of-0000n.safetensors` shards with a `model.safetensors.index.json` (the layout
+    transformers writes and reads). `specs`: every tensor's dtype and shape, in the order
+    `tensors` yields them (each file's header is written before its data). Only one tensor is
+    held at a time. write=False consumes `tensors` without writing (the other processes of a
+    multi-process export, whose gathers must run too). Returns the files written."""
+    limit = parse_size(max_shard_size)
+    for name, (dtype, _) in specs.items():
+        if np.dtype(dtype) not in _DTYPE_NAMES:
+            raise CheckpointError(f"tensor {name!r} has dtype {dtype}, which safetensors lacks")
+    nbytes = {n: np.dtype(d).itemsize * _shape_size(tuple(s)) for n, (d, s) in specs.items()}
+    shards = plan_shards(nbytes, limit)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    paths = [directory / n for n in names]
+    if write:
+        # Weights of an earlier export in another layout would shadow or contradict these.
+        for old in [
+            *directory.glob("model-*-of-*.safetensors"),
+            *directory.glob("model.safetensors*"),
+        ]:
+            old.unlink()
+    for path, members in zip(paths, shards):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        at = 0
+        for name in members:
+            dtype, shape = specs[name]
+            header[name] = {
+                "dtype": _DTYPE_NAMES[np.dtype(dtype)],
+                "shape": list(shape),
+                "data_offsets": [at, at + nbytes[name]],
+            }
+            at += nbytes[name]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        f = open(path, "wb") if write else None  # noqa: SIM115  (closed below)
+        try:
+            if f is not None:
+                f.write(len(text).to_bytes(8, "little") + text)
+            for want in members:
+                name, array = next(tensors)
+                dtype, shape = specs[want]
+                if name != want or tuple(array.shape) != tuple(shape):
+                    raise CheckpointError(
+                        f"internal: tensor {name!r} {tuple(array.shape)} came where {want!r} "
+                        f"{tuple(shape)} was planned"
+                    )
+                if f is not None:
+                    data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+                    f.write(memoryview(data.reshape(-1).view(np.uint8)))
+                del array
+        finally:
+            if f is not None:
+                f.close()
+    if write and len(paths) > 1:
+        weight_map = {n: p.name for p, members in zip(paths, shards) for n in members}
+        index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+        write_json(directory / "model.safetensors.index.json", index)
+    return paths if write else []

@@ -37,8 +37,9 @@ Index = tuple[slice, ...]
 
 class ReadCounter:
     """What this process has read of tensor data (the header and index files not counted):
-    `bytes`, `reads` (separate file reads of lazy blocks), `whole` (lazy tensors that fell back
-    to being read whole). Tests assert on it; `reset()` zeroes it."""
+    `bytes`, `reads` (separate file reads of lazy blocks), `largest` (the most bytes one
+    tensor read or one lazy block read brought in), `whole` (lazy tensors that fell back to
+    being read whole). Tests assert on it; `reset()` zeroes it."""
 
     def __init__(self) -> None:
         self.reset()
@@ -46,10 +47,19 @@ class ReadCounter:
     def reset(self) -> None:
         self.bytes = 0
         self.reads = 0
+        self.largest = 0
         self.whole = 0
 
     def __repr__(self) -> str:
-        return f"ReadCounter(bytes={self.bytes}, reads={self.reads}, whole={self.whole})"
+        return (
+            f"ReadCounter(bytes={self.bytes}, reads={self.reads}, largest={self.largest}, "
+            f"whole={self.whole})"
+        )
+
+    def add(self, nbytes: int, reads: int = 1) -> None:
+        self.bytes += nbytes
+        self.reads += reads
+        self.largest = max(self.largest, nbytes)
 
 
 read_counter = ReadCounter()
@@ -331,8 +341,7 @@ def _read_strided(
             _pread_into(
                 fd, buf[a * run * item : b * run * item], blob.start + int(starts[a]) * item, blob
             )
-    read_counter.bytes += out.nbytes
-    read_counter.reads += len(first)
+    read_counter.add(out.nbytes, len(first))
     # `out` holds the block's elements in memory order (`order`); back to the view's order.
     arranged = out.reshape(sizes).transpose(np.argsort(order)) if order else out
     return arranged.reshape(shape)
@@ -347,8 +356,7 @@ def _via_span(
     span = np.empty(last - offset + 1, blob.dtype)
     with open(blob.path, "rb") as f:
         _pread_into(f.fileno(), memoryview(span.view(np.uint8)), blob.start + offset * item, blob)
-    read_counter.bytes += span.nbytes
-    read_counter.reads += 1
+    read_counter.add(span.nbytes)
     return np.lib.stride_tricks.as_strided(
         span, shape, tuple(s * item for s in strides), writeable=False
     ).copy()
