@@ -1,6 +1,6 @@
 """Runs in a subprocess with fake CPU devices (JAX fixes the device count at start-up) for
 tests/test_hf_sharded.py: loads sharded Hugging Face checkpoints straight into an fsdp mesh and
-reports, as JSON on its last line, what each parameter's shards look like, how many bytes this
+reports, as JSON on its line starting 'RESULT ', what each parameter's shards look like, how many bytes this
 process read, and whether the values equal an unsharded load.
 
   python tests/hf_sharded_worker.py one LLAMA_DIR GPT2_DIR OUT       # 1 process, 8 devices
@@ -97,12 +97,11 @@ def trainer(llama: str) -> dict:
     cfg = resolve(cfg)
     files.read_counter.reset()
     trainer = Trainer.create(cfg)
-    counter = files.read_counter
+    read = {"bytes": files.read_counter.bytes, "largest": files.read_counter.largest}
     _, want = lmflax.from_pretrained(llama)
     got, want = flatten(trainer.state.params), flatten(want)
     return {
-        "bytes": counter.bytes,
-        "largest": counter.largest,
+        **read,
         "init_from": cfg.model.init_from,
         "equal": sorted(p for p in want if np.array_equal(np.asarray(got[p]), want[p])),
         "params": sorted(want),
@@ -127,4 +126,4 @@ def two(llama: str, out: str) -> dict:
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     result = one(*args) if mode == "one" else two(args[0], args[1])
-    print(json.dumps(result, default=list))
+    print("RESULT " + json.dumps(result, default=list))  # (gloo prints to stdout too)
