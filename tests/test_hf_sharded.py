@@ -214,7 +214,7 @@ def _start(args: list[str], devices: int) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def one_process(checkpoints, tmp_path_factory):
-    root, dirs, _ = checkpoints
+    _, dirs, _ = checkpoints
     out = tmp_path_factory.mktemp("exported")
     (report,) = _run([_start(["one", dirs["llama"], dirs["gpt2"], out], 8)])
     return report, out
@@ -241,6 +241,7 @@ def _check_shards(report: dict, processes: int = 1) -> tuple[int, int]:
     return expected, largest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "llama_scanned", "gpt2"])
 def test_fsdp8_loads_each_block_once_with_unsharded_values(one_process, checkpoints, name):
     report, _ = one_process
@@ -258,6 +259,7 @@ def test_fsdp8_loads_each_block_once_with_unsharded_values(one_process, checkpoi
     assert r["largest"] <= largest // 8
 
 
+@pytest.mark.slow
 def test_trainer_starts_from_a_sharded_checkpoint_on_fsdp8(one_process, checkpoints):
     report, _ = one_process
     _, dirs, _ = checkpoints
@@ -269,6 +271,7 @@ def test_trainer_starts_from_a_sharded_checkpoint_on_fsdp8(one_process, checkpoi
     assert t["largest"] <= V * 64 * 4 // 8  # an eighth of the largest matrix, the embedding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "llama_scanned", "gpt2"])
 def test_sharded_export_is_streamed_into_shards_transformers_loads(
     one_process, checkpoints, transformers, name
