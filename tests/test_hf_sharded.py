@@ -394,9 +394,8 @@ def test_every_family_loads_lazily_into_a_mesh(arch, transformers, tmp_path):
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     _, got = lmflax.from_pretrained(tmp_path, mesh=mesh, scan_layers=True)
     assert files.read_counter.whole == 0  # every transform had a strided view
-    # Each stored tensor once (a tied copy that transformers keeps is compared, so read too).
-    print("RATIO", arch, files.read_counter.bytes / _stored_bytes(tmp_path))
-    assert files.read_counter.bytes >= _stored_bytes(tmp_path) * 0.99
-    assert files.read_counter.bytes <= _stored_bytes(tmp_path) * 1.5
+    # Each stored byte at most once (BART's learned positions skip their 2 offset rows).
+    stored = _stored_bytes(tmp_path)
+    assert 0.99 * stored <= files.read_counter.bytes <= stored
     jax.tree.map(np.testing.assert_array_equal, got, want)
     assert all(isinstance(x.sharding, jax.sharding.NamedSharding) for x in jax.tree.leaves(got))
