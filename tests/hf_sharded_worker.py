@@ -114,12 +114,16 @@ def trainer(llama: str) -> dict:
 
 def two(llama: str, out: str) -> dict:
     report = sharded_load(llama)
-    params = report.pop("params")
+    del report["params"]
     report["process"] = jax.process_index()
     report["local_devices"] = jax.local_device_count()
-    lmflax.hf.save_pretrained(
-        lmflax.hf.model_config(llama), params, Path(out), max_shard_size="60KB"
-    )
+    # Scanned layers: each stacked parameter is read from the per-layer tensors; the export
+    # takes one layer of it at a time from both processes' devices.
+    scanned = sharded_load(llama, scan_layers=True)
+    params = scanned.pop("params")
+    report["scanned"] = scanned
+    config = lmflax.hf.model_config(llama, scan_layers=True)
+    lmflax.hf.save_pretrained(config, params, Path(out), max_shard_size="60KB")
     return report
 
 

@@ -307,10 +307,12 @@ def test_two_processes_read_half_of_each_sharded_tensor(checkpoints, tmp_path, t
     stored = _stored_bytes(dirs["llama"])
     for i, r in enumerate(reports):
         assert r["process"] == i and r["local_devices"] == 4
-        expected, largest = _check_shards(r, processes=2)
-        assert r["bytes"] == expected < 0.6 * stored
-        assert r["largest"] <= largest // 8
-    # Process 0 wrote the export (gathered tensor by tensor from both processes' devices).
+        for report in (r, r["scanned"]):
+            expected, largest = _check_shards(report, processes=2)
+            assert report["bytes"] == expected < 0.6 * stored
+            assert report["largest"] <= largest // 8
+    # Process 0 wrote the export of the scanned parameters (gathered layer by layer, tensor by
+    # tensor, from both processes' devices).
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     got = model.state_dict()
     for key, value in states["llama"].items():
