@@ -112,6 +112,39 @@ def test_shard_planning_follows_transformers():
     assert files.plan_shards(sizes, 60) == [["a"], ["b"], ["c"], ["d", "e"]]
 
 
+def test_streamed_shards_read_back_with_the_safetensors_library(tmp_path):
+    import ml_dtypes
+    from safetensors import safe_open
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a": rng.standard_normal((30, 7)).astype(np.float32),
+        "b": rng.standard_normal((5,)).astype(ml_dtypes.bfloat16),
+        "c": rng.integers(0, 9, (3, 3)).astype(np.int64),
+        "d": rng.standard_normal((100,)).astype(np.float16),
+    }
+    specs = {n: (t.dtype, t.shape) for n, t in tensors.items()}
+    (tmp_path / "model.safetensors").write_bytes(b"stale")  # an older single-file export
+    written = files.write_safetensors_stream(tmp_path, specs, iter(tensors.items()), 900)
+    assert [p.name for p in written] == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    assert not (tmp_path / "model.safetensors").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {
+        "a": written[0].name,  # 840 bytes, + b's 10 <= 900; + c's 72 would not fit
+        "b": written[0].name,
+        "c": written[1].name,
+        "d": written[1].name,
+    }
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+    for path in written:
+        with safe_open(str(path), framework="np") as f:
+            for name in f.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
+                np.testing.assert_array_equal(f.get_tensor(name), tensors[name])
+    with files.WeightSource(tmp_path / "model.safetensors.index.json") as src:
+        for name, t in tensors.items():
+            np.testing.assert_array_equal(src.lazy(name).read(), t)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real checkpoints on fake devices (subprocesses)
 

@@ -143,6 +143,8 @@ class Lazy:
             return a.reshape(*rest, *kwargs.values())
         if func is np.shape:
             return args[0].shape
+        if func is np.ndim:
+            return args[0].ndim
 
         # Anything else: the lazy arguments read whole (the documented fallback).
         def real(x: Any) -> Any:
