@@ -77,6 +77,19 @@ def test_lazy_blocks_equal_numpy_and_read_only_their_bytes(stored, name):
     assert files.read_counter.whole == 0
 
 
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_blocks_of_many_runs_read_their_span_once(stored, name, monkeypatch):
+    """Past _MAX_RUNS separate runs, a block reads the bytes from its first to its last
+    element in one read (never more than the tensor)."""
+    monkeypatch.setattr(lazy, "_MAX_RUNS", 0)
+    w, src = stored
+    want, view = TRANSFORMS[name](w), TRANSFORMS[name](src.lazy("w"))
+    index = tuple(slice(1, max(2, n - 1)) for n in want.shape)
+    files.read_counter.reset()
+    np.testing.assert_array_equal(view.read(index), want[index])
+    assert files.read_counter.reads <= 1 and files.read_counter.bytes <= w.nbytes
+
+
 def test_lazy_stack_cast_and_fallback(stored):
     w, src = stored
     v = src.lazy("w")
