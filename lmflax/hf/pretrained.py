@@ -222,11 +222,8 @@ def from_pretrained(
         if errs:
             raise CheckpointError(f"{ckpt.directory}: " + "; ".join(errs))
         module = convert.build_module(ckpt.arch, config, ckpt.num_labels)
-        if mesh is None:
-            flat, unused = ckpt.read(config, strict=True)
-        else:
-            flat, unused = ckpt.read(config, strict=True, lazy=True)
-            whole = read_counter.whole
+        whole = read_counter.whole
+        flat, unused = ckpt.read(config, strict=True, lazy=mesh is not None)
         if unused:
             log.info(
                 "%s: tensors not used by %s: %s", ckpt.directory, ckpt.arch.name, ", ".join(unused)
@@ -326,7 +323,9 @@ def init_params(config: ModelConfig, params: Any, shardings: Any = None) -> Any:
     backbone wherever it sits (`bert/...` under a head or at the root); head parameters load
     where names and shapes match (an MLM head into an MLM model). Parameters the checkpoint
     lacks (a new task head) keep their fresh values; both lists are logged. shardings: the
-    parameters' shardings (a matching tree) to place the loaded values on.
+    parameters' shardings (a matching tree) to place the loaded values on: each tensor is read
+    straight into its sharding, a process reading only the blocks its own devices hold (as
+    `from_pretrained(..., mesh=...)` does); without them each is read whole, one at a time.
     """
     directory = parse_init_from(config.init_from)
     errs = check_init_from(config)
