@@ -376,7 +376,8 @@ def _alarm(signum: int, frame: Any) -> None:
 
 
 def read_case(path: Path) -> str:
-    """Reads a weight file as from_pretrained does; 'clean', 'refused', or raises."""
+    """Reads a weight file as from_pretrained does (eagerly, and lazily as a sharded load
+    does); 'clean', 'refused', or raises."""
     from lmflax.data.hub import CheckpointError
     from lmflax.hf.files import WeightSource
 
@@ -391,6 +392,16 @@ def read_case(path: Path) -> str:
                     )
                 if array.dtype.name not in _DTYPES:
                     raise AssertionError(f"tensor {name!r} read as dtype {array.dtype}")
+                # The lazy reader (sharded loading) reads the same bytes from the same header.
+                view = src.lazy(name)
+                if not isinstance(view, np.ndarray):
+                    half = tuple(slice(0, (n + 1) // 2) for n in array.shape)
+                    for index in ((), half):
+                        got = view.read(index or None)
+                        if got.tobytes() != array[index].tobytes():
+                            raise AssertionError(
+                                f"tensor {name!r}: the lazy read of {index} differs"
+                            )
     except CheckpointError as e:
         if path.name not in str(e):
             raise AssertionError(f"CheckpointError does not name the file: {e}") from None

@@ -6,6 +6,7 @@
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                       batch["token_type_ids"], deterministic=True)
     lmflax.hf.save_pretrained(model_config, params, OUT, tokenizer=tokenizer)   # transformers loads it
+    model, params = lmflax.hf.from_pretrained(DIR, mesh=mesh)  # each tensor read into its shards
 
 Supported architectures: BertModel, BertForMaskedLM, BertForPreTraining (its MLM head),
 BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering;

@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from lmflax.hf import lazy
 from lmflax.hf.files import CheckpointError
 from lmflax.models import (
     GPT,
@@ -793,7 +794,8 @@ def tensors_to_params(
     strict: bool,
 ) -> tuple[dict[Path_, np.ndarray], list[str]]:
     """Reads the checkpoint through the rules: {lmflax path: array} and the checkpoint tensors
-    left unused (heads this module lacks). Every missing tensor, wrong shape, or (if strict)
+    left unused (heads this module lacks). With `read` giving lazy tensors (WeightSource.lazy)
+    the values are lazy views, read block by block later. Every missing tensor, wrong shape, or (if strict)
     unknown tensor is reported at once in a CheckpointError."""
     original = {normalize_name(n): n for n in names}
     errs: list[str] = []
@@ -823,11 +825,12 @@ def tensors_to_params(
             continue
         arrays = rule.to_lmflax(*(read(original[n]) for n in rule.hf))
         for path, arr, shape in zip(rule.paths, arrays, rule.shapes):
-            out[path] = np.asarray(arr).reshape(shape)
+            # A lazy tensor (lmflax.hf.lazy) stays lazy: reshaped as a view, read later.
+            out[path] = (arr if isinstance(arr, lazy.Lazy) else np.asarray(arr)).reshape(shape)
     for name, target in lay.tied.items():
         if name in original and target in original and not errs:
             a, b = read(original[name]), read(original[target])
-            if a.shape != b.shape or not np.array_equal(a, b):
+            if not lazy.array_equal(a, b):
                 errs.append(
                     f"{where(original[name])}: {name!r} is not a copy of {target!r}; lmflax ties "
                     "these weights (an untied output layer is not supported for this model)"
@@ -851,14 +854,13 @@ def tensors_to_params(
     return out, unused + unknown
 
 
-def params_to_tensors(
-    lay: Layout, flat: Mapping[Path_, np.ndarray], what: str
-) -> dict[str, np.ndarray]:
-    """lmflax parameters {path: array} -> checkpoint tensors, through the rules. Every lmflax
-    parameter must be consumed: one the architecture cannot hold is an error."""
+def export_rules(lay: Layout, flat: Mapping[Path_, Any], what: str) -> list[Rule]:
+    """The rules that turn lmflax parameters `flat` ({path: anything with a `.shape`}) into
+    checkpoint tensors, after checking every parameter is there with the shape the config
+    implies and that each is consumed (one the architecture cannot hold is an error)."""
     errs = []
-    out: dict[str, np.ndarray] = {}
     used = set()
+    rules = []
     for rule in lay.rules:
         missing = [fmt_path(p) for p in rule.paths if p not in flat]
         if missing:
@@ -873,15 +875,32 @@ def params_to_tensors(
             errs.extend(bad)
             continue
         used.update(rule.paths)
-        for name, arr, shape in zip(
-            rule.hf, rule.to_hf(*(flat[p] for p in rule.paths)), rule.hf_shapes
-        ):
-            out[name] = np.ascontiguousarray(np.asarray(arr).reshape(shape))
+        rules.append(rule)
     extra = [fmt_path(p) for p in flat if p not in used]
     if extra:
         errs.append(f"parameters with no place in the checkpoint: {', '.join(extra)}")
     if errs:
         raise CheckpointError(f"{what}: " + "; ".join(errs))
+    return rules
+
+
+def rule_to_hf(rule: Rule, arrays: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+    """One rule's checkpoint tensors from its lmflax parameters (host arrays, in rule.paths
+    order), C-contiguous in the checkpoint's shapes."""
+    return {
+        name: np.ascontiguousarray(np.asarray(arr).reshape(shape))
+        for name, arr, shape in zip(rule.hf, rule.to_hf(*arrays), rule.hf_shapes)
+    }
+
+
+def params_to_tensors(
+    lay: Layout, flat: Mapping[Path_, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
+    """lmflax parameters {path: array} -> checkpoint tensors, through the rules. Every lmflax
+    parameter must be consumed: one the architecture cannot hold is an error."""
+    out: dict[str, np.ndarray] = {}
+    for rule in export_rules(lay, flat, what):
+        out.update(rule_to_hf(rule, [flat[p] for p in rule.paths]))
     return out
 
 

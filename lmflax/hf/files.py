@@ -9,6 +9,7 @@ torch is not needed.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -25,6 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lmflax.data.hub import CheckpointError, missing_files_hint, model_dir, read_json
+from lmflax.hf.lazy import Blob, View, read_counter
 
 _MAX_DIMS = 64  # numpy's limit on the number of dimensions
 
@@ -65,6 +67,7 @@ class WeightSource(Mapping[str, np.ndarray]):
         self._where: dict[str, Path] = {}
         self._safetensors: dict[Path, Any] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}  # of the safetensors tensors, from the header
+        self._entries: dict[str, _Entry] = {}
         self._torch: dict[Path, _TorchZip] = {}
         files = self._shards(self.path) if self.path.name.endswith(".index.json") else None
         try:
@@ -77,9 +80,10 @@ class WeightSource(Mapping[str, np.ndarray]):
     def _open(self, f: Path) -> None:
         """Opens one weight file (after checking what it states) and records its tensors."""
         if f.name.endswith(".safetensors"):
-            shapes = _check_safetensors_header(f)
-            self._shapes.update(shapes)
-            names = list(shapes)
+            entries = _safetensors_entries(f)
+            self._entries.update(entries)
+            self._shapes.update({n: e.shape for n, e in entries.items()})
+            names = list(entries)
             try:
                 handle = safe_open(str(f), framework="np")
             except BaseException as e:  # the Rust reader can panic (a BaseException)
@@ -118,14 +122,27 @@ class WeightSource(Mapping[str, np.ndarray]):
     def __getitem__(self, name: str) -> np.ndarray:
         f = self._where[name]
         if f not in self._safetensors:
-            return self._torch[f].read(name)
+            array = self._torch[f].read(name)
+            read_counter.add(array.nbytes)
+            return array
         try:
             array = self._safetensors[f].get_tensor(name)
         except BaseException as e:  # the Rust reader can panic (a BaseException)
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
             raise CheckpointError(f"{f}: tensor {name!r} cannot be read: {_describe(e)}") from None
+        read_counter.add(array.nbytes)
         return array
+
+    def lazy(self, name: str) -> Any:
+        """The tensor `name` as an `lmflax.hf.lazy.View`: nothing is read until a block of it
+        is (`view.read(index)`), and then only that block's bytes. A tensor of a PyTorch .bin
+        archive has no such view: it is read whole (this one tensor) and returned as an array."""
+        f = self._where[name]
+        if f not in self._safetensors:
+            return self[name]
+        e = self._entries[name]
+        return View(Blob(f, e.start, e.dtype, e.shape, name))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -148,6 +165,7 @@ class WeightSource(Mapping[str, np.ndarray]):
         self._safetensors.clear()
         self._torch.clear()
         self._shapes.clear()
+        self._entries.clear()
 
     def __enter__(self) -> WeightSource:
         return self
@@ -213,6 +231,21 @@ _SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library's own li
 def _check_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} from a safetensors file's header, after checking every dtype, shape
     and data offset in it against the file (CheckpointError naming the tensor and file)."""
+    return {name: e.shape for name, e in _safetensors_entries(path).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """A checked safetensors header entry: where its bytes start in the file, dtype, shape."""
+
+    start: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def _safetensors_entries(path: Path) -> dict[str, _Entry]:
+    """The checked header of a safetensors file (see `_check_safetensors_header`): each tensor's
+    absolute byte offset in the file, its little-endian dtype and its shape."""
     bad = f"{path} is not a readable safetensors file"
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -234,7 +267,7 @@ def _check_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{bad}: its header is a {type(header).__name__}, not an object")
     data_size = size - 8 - n
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes: dict[str, _Entry] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -274,7 +307,9 @@ def _check_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
                 f"{where} of dtype {dtype} and shape {shape} needs {nbytes} bytes, but its "
                 f"data_offsets {offsets} span {offsets[1] - offsets[0]}"
             )
-        shapes[str(name)] = tuple(shape)
+        shapes[str(name)] = _Entry(
+            8 + n + offsets[0], np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<"), tuple(shape)
+        )
     return shapes
 
 
@@ -597,3 +632,127 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
     """Writes `tensors` as one safetensors file with the metadata transformers expects."""
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), {"format": "pt"})
+
+
+_DTYPE_NAMES = {np.dtype(t): name for name, t in _SAFETENSORS_DTYPES.items()}
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a size such as '5GB' (10^9) or '500MiB' (2^20), as transformers'
+    `max_shard_size` takes them; ValueError naming the accepted forms otherwise."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    if isinstance(size, str):
+        text = size.strip().upper().replace(" ", "")
+        for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+            number = text.removesuffix(unit)
+            if number != text:
+                try:
+                    value = float(number)
+                except ValueError:
+                    break
+                if value > 0:
+                    return max(1, int(value * _SIZE_UNITS[unit]))
+                break
+    raise ValueError(
+        f"max_shard_size is {size!r}; accepted: a positive number of bytes, or a string such as "
+        f"'5GB', '200MB', '500MiB' (units {', '.join(_SIZE_UNITS)})"
+    )
+
+
+def plan_shards(nbytes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
+    """Tensor names (in order) grouped into shards as transformers groups them: a shard is
+    closed when the next tensor would take it past `max_shard_size`; a tensor larger than that
+    gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, n in nbytes.items():
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def write_safetensors_stream(
+    directory: Path,
+    specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    tensors: Iterator[tuple[str, np.ndarray]],
+    max_shard_size: int | str = "5GB",
+    *,
+    write: bool = True,
+) -> list[Path]:
+    """Writes tensors as they come into `model.safetensors`, or, past `max_shard_size`, into
+    `model-0000k-of-0000n.safetensors` shards with a `model.safetensors.index.json` (the layout
+    transformers writes and reads). `specs`: every tensor's dtype and shape, in the order
+    `tensors` yields them (each file's header is written before its data). Only one tensor is
+    held at a time. write=False consumes `tensors` without writing (the other processes of a
+    multi-process export, whose gathers must run too). Returns the files written."""
+    limit = parse_size(max_shard_size)
+    for name, (dtype, _) in specs.items():
+        if np.dtype(dtype) not in _DTYPE_NAMES:
+            raise CheckpointError(f"tensor {name!r} has dtype {dtype}, which safetensors lacks")
+    nbytes = {n: np.dtype(d).itemsize * _shape_size(tuple(s)) for n, (d, s) in specs.items()}
+    shards = plan_shards(nbytes, limit)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    paths = [directory / n for n in names]
+    if write:
+        # Weights of an earlier export in another layout would shadow or contradict these.
+        for old in [
+            *directory.glob("model-*-of-*.safetensors"),
+            *directory.glob("model.safetensors*"),
+        ]:
+            old.unlink()
+    for path, members in zip(paths, shards):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        at = 0
+        for name in members:
+            dtype, shape = specs[name]
+            header[name] = {
+                "dtype": _DTYPE_NAMES[np.dtype(dtype)],
+                "shape": list(shape),
+                "data_offsets": [at, at + nbytes[name]],
+            }
+            at += nbytes[name]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        f = open(path, "wb") if write else None  # noqa: SIM115  (closed below)
+        try:
+            if f is not None:
+                f.write(len(text).to_bytes(8, "little") + text)
+            for want in members:
+                name, array = next(tensors)
+                dtype, shape = specs[want]
+                if name != want or tuple(array.shape) != tuple(shape):
+                    raise CheckpointError(
+                        f"internal: tensor {name!r} {tuple(array.shape)} came where {want!r} "
+                        f"{tuple(shape)} was planned"
+                    )
+                if f is not None:
+                    data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+                    f.write(memoryview(data.reshape(-1).view(np.uint8)))
+                del array
+        finally:
+            if f is not None:
+                f.close()
+    if write and len(paths) > 1:
+        weight_map = {n: p.name for p, members in zip(paths, shards) for n in members}
+        index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+        write_json(directory / "model.safetensors.index.json", index)
+    return paths if write else []

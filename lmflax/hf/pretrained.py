@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +13,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from lmflax.config import ConfigError
+from lmflax.config import DEFAULT_RULES, ConfigError
 from lmflax.data.hf_tokenizer import HFTokenizer
 from lmflax.data.hub import CheckpointError, is_hub_id, model_dir, read_config
-from lmflax.hf import convert
+from lmflax.hf import convert, files, lazy
 from lmflax.hf.convert import ARCHITECTURES, Architecture
-from lmflax.hf.files import WeightSource, find_weights, write_json, write_safetensors
+from lmflax.hf.files import WeightSource, find_weights, read_counter, write_json
 from lmflax.models.config import ModelConfig
 from lmflax.models.seq2seq import EncoderDecoder
-from lmflax.nn import unbox, unstack_layers
+from lmflax.nn import unbox
 from lmflax.nn.util import as_dtype
+from lmflax.parallel import logical_shardings
 
 log = logging.getLogger("lmflax")
 
@@ -80,12 +83,15 @@ class _Checkpoint:
     def layout(self, config: ModelConfig) -> convert.Layout:
         return convert.layout(self.arch, config, self.prefix, self.num_labels)
 
-    def read(self, config: ModelConfig, *, strict: bool) -> tuple[dict, list[str]]:
-        """{lmflax path: np array} in the unrolled layout, and the unused tensor names."""
+    def read(
+        self, config: ModelConfig, *, strict: bool, lazy: bool = False
+    ) -> tuple[dict, list[str]]:
+        """{lmflax path: np array} in the unrolled layout, and the unused tensor names.
+        lazy: lazy views instead of arrays (lmflax.hf.lazy; nothing read until a block is)."""
         return convert.tensors_to_params(
             self.layout(config),
             self.source.shape,
-            self.source.__getitem__,
+            self.source.lazy if lazy else self.source.__getitem__,
             list(self.source),
             where=lambda n: str(self.source.file_of(n)),
             strict=strict,
@@ -98,10 +104,25 @@ def _dummy_ids() -> jax.Array:
 
 def abstract_params(module: nn.Module) -> dict[str, Any]:
     """The module's parameter tree as ShapeDtypeStructs (nothing allocated)."""
+    return unbox(_abstract_boxed(module))
+
+
+def _abstract_boxed(module: nn.Module) -> dict[str, Any]:
+    """The module's parameters as ShapeDtypeStructs in their logical-axis boxes."""
     # An encoder-decoder takes source and target ids; every other model one id array.
     inputs = (_dummy_ids(),) * (2 if isinstance(module, EncoderDecoder) else 1)
     variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs, deterministic=True))
-    return unbox(variables)["params"]
+    return variables["params"]
+
+
+def _log_whole(directory: Path, count: int) -> None:
+    if count:
+        log.info(
+            "%s: %d tensors had no strided view through their transform and were read whole "
+            "(one at a time)",
+            directory,
+            count,
+        )
 
 
 def _check_tree(
@@ -141,7 +162,7 @@ def _maybe_stack(flat: dict, config: ModelConfig) -> dict:
         key = (*path[:i], "layers", *path[i + 1 :])
         groups.setdefault(key, {})[int(path[i].removeprefix("layers_"))] = value
     for key, layers in groups.items():
-        out[key] = np.stack([np.asarray(layers[i]) for i in range(len(layers))])
+        out[key] = lazy.stack([layers[i] for i in range(len(layers))])
     return out
 
 
@@ -156,6 +177,8 @@ def from_pretrained(
     param_dtype: str = "float32",
     revision: str | None = None,
     subfolder: str | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Loads a Hugging Face model (a local directory or a hub id) as an lmflax module and its
@@ -169,6 +192,15 @@ def from_pretrained(
     dtype / param_dtype: compute and storage dtypes. overrides: other settings that do not
     change the checkpoint's meaning: scan_layers, remat, attention_impl, dropout_rate,
     attention_dropout_rate, init_std.
+
+    mesh, rules: load straight into the shardings the logical-axis `rules` (default: the
+    config's `mesh.rules` defaults, lmflax.config.DEFAULT_RULES) give each parameter on `mesh`
+    (a `jax.sharding.Mesh` with axes data/fsdp/tensor, e.g. lmflax.parallel.make_mesh). Each
+    tensor is then read block by block: a process reads only the byte runs of the blocks its
+    own devices hold (replicated parameters whole, once per process), so no host holds the
+    whole model, nor (for sharded parameters) a whole tensor; works across processes under
+    jax.distributed. A transform with no strided form reads that one tensor whole on each
+    process (lmflax.hf.lazy; none of the shipped families has one).
 
     Returns (module, params): `module.apply({"params": params}, input_ids, ...,
     deterministic=True)` gives a BertOutput (BertModel), MLM logits [B, T, V]
@@ -190,17 +222,29 @@ def from_pretrained(
         if errs:
             raise CheckpointError(f"{ckpt.directory}: " + "; ".join(errs))
         module = convert.build_module(ckpt.arch, config, ckpt.num_labels)
-        flat, unused = ckpt.read(config, strict=True)
-    if unused:
-        log.info(
-            "%s: tensors not used by %s: %s", ckpt.directory, ckpt.arch.name, ", ".join(unused)
-        )
-    flat = _maybe_stack(flat, config)
-    want = convert.flatten(abstract_params(module))
-    _check_tree(flat, want, str(ckpt.directory))
-    pdt = as_dtype(param_dtype)
-    params = convert.unflatten({p: jnp.asarray(np.asarray(flat[p], dtype=pdt)) for p in want})
-    return module, params
+        whole = read_counter.whole
+        flat, unused = ckpt.read(config, strict=True, lazy=mesh is not None)
+        if unused:
+            log.info(
+                "%s: tensors not used by %s: %s", ckpt.directory, ckpt.arch.name, ", ".join(unused)
+            )
+        flat = _maybe_stack(flat, config)
+        pdt = as_dtype(param_dtype)
+        if mesh is None:
+            want = convert.flatten(abstract_params(module))
+            _check_tree(flat, want, str(ckpt.directory))
+            params = {p: jnp.asarray(np.asarray(flat[p], dtype=pdt)) for p in want}
+            return module, convert.unflatten(params)
+        rules = list(DEFAULT_RULES if rules is None else rules)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            boxed = _abstract_boxed(module)
+        want = convert.flatten(unbox(boxed))
+        _check_tree(flat, want, str(ckpt.directory))
+        shardings = convert.flatten(logical_shardings(boxed, mesh, rules))
+        # The files stay open while the blocks are read, one tensor after another.
+        params = {p: _place(flat[p], pdt, shardings[p]) for p in want}
+        _log_whole(ckpt.directory, read_counter.whole - whole)
+    return module, convert.unflatten(params)
 
 
 def model_config(path: str | Path, **overrides: Any) -> ModelConfig:
@@ -279,16 +323,35 @@ def init_params(config: ModelConfig, params: Any, shardings: Any = None) -> Any:
     backbone wherever it sits (`bert/...` under a head or at the root); head parameters load
     where names and shapes match (an MLM head into an MLM model). Parameters the checkpoint
     lacks (a new task head) keep their fresh values; both lists are logged. shardings: the
-    parameters' shardings (a matching tree) to place the loaded values on.
+    parameters' shardings (a matching tree) to place the loaded values on: each tensor is read
+    straight into its sharding, a process reading only the blocks its own devices hold (as
+    `from_pretrained(..., mesh=...)` does); without them each is read whole, one at a time.
     """
     directory = parse_init_from(config.init_from)
     errs = check_init_from(config)
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
     target = convert.flatten(params)
+    # The checkpoint's tensors are read lazily, each straight into its parameter's sharding
+    # (a process reads the blocks its devices hold), while the files are open.
     with _Checkpoint.open(directory) as ckpt:
         read_config = dataclasses.replace(ckpt.config, scan_layers=False)
-        flat, unused = ckpt.read(read_config, strict=True)
+        flat, unused = ckpt.read(read_config, strict=True, lazy=True)
+        whole = read_counter.whole
+        new = _load_into(directory, flat, unused, config, target, shardings)
+        _log_whole(directory, read_counter.whole - whole)
+    return convert.unflatten(new)
+
+
+def _load_into(
+    directory: Path,
+    flat: dict[convert.Path_, Any],
+    unused: list[str],
+    config: ModelConfig,
+    target: dict[convert.Path_, Any],
+    shardings: Any,
+) -> dict[convert.Path_, Any]:
+    """`target` with the checkpoint's values (`flat`, lazy) placed where init_params says."""
     flat = _maybe_stack(flat, config)
     src_root = _backbone_root(flat)
     dst_root = _backbone_root(target)
@@ -311,7 +374,7 @@ def init_params(config: ModelConfig, params: Any, shardings: Any = None) -> Any:
                 f"{tuple(flat[src].shape)}, the model has {want}"
             )
             continue
-        new[dst] = _place(flat[src], target[dst], _lookup(shardings, dst))
+        new[dst] = _place(flat[src], target[dst].dtype, _lookup(shardings, dst))
         loaded.append(dst)
     if errs:
         raise CheckpointError("; ".join(errs))
@@ -324,7 +387,7 @@ def init_params(config: ModelConfig, params: Any, shardings: Any = None) -> Any:
         f"; freshly initialised (not in the checkpoint): {', '.join(fresh)}" if fresh else "",
         f"; unused checkpoint tensors: {', '.join(unused)}" if unused else "",
     )
-    return convert.unflatten(new)
+    return new
 
 
 # A backbone's own top-level parameter groups (BERT and GPT alike have token_embed).
@@ -354,28 +417,73 @@ def _lookup(tree: Any, path: convert.Path_) -> Any:
     return tree
 
 
-def _place(value: np.ndarray, like: Any, sharding: Any) -> jax.Array:
-    value = np.asarray(value, dtype=like.dtype)
+def _place(value: Any, dtype: Any, sharding: Any) -> jax.Array:
+    """`value` (an array or a lazy tensor) as a jax.Array of `dtype` laid out as `sharding`:
+    each process reads only the blocks its own devices hold, each distinct block once."""
     if sharding is None:
-        return jnp.asarray(value)
-    # Every process reads the whole checkpoint; each device takes its own slice of it.
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+        whole = tuple(slice(None) for _ in value.shape)
+        return jnp.asarray(np.asarray(lazy.read_block(value, whole), dtype=dtype))
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        # Devices holding the same block (replicas over another mesh axis) share one read.
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            blocks[key] = np.asarray(lazy.read_block(value, index), dtype=dtype)
+        return blocks[key]
+
+    return jax.make_array_from_callback(tuple(value.shape), sharding, block)
 
 
 # ---------------------------------------------------------------------------------------------
 # Export
 
 
-def _plain_params(params: Any) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """One lmflax parameter to export: `array` (a jax.Array on any sharding, or a host array),
+    or layer `layer` of a scanned stack; brought to the host only when its rule is written."""
+
+    array: Any
+    layer: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.array.shape)
+        return shape if self.layer is None else shape[1:]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    def host(self) -> np.ndarray:
+        """The value on this host (every process of a multi-process run calls it in turn: a
+        parameter sharded over other processes' devices is all-gathered, this one alone)."""
+        x = self.array
+        if self.layer is not None:
+            x = x[self.layer]
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+
+def _export_slots(params: Any) -> dict[convert.Path_, _Slot]:
+    """{unrolled lmflax path: _Slot} of a parameter tree (plain or boxed, `{"params": ...}`
+    or the inner tree, scanned or unrolled); nothing is copied or gathered."""
     params = unbox(params)
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a nested dict of arrays, got {type(params).__name__}")
-    params = jax.device_get(params)
-    if any("layers" in path for path in convert.flatten(params)):
-        params = unstack_layers(params)
-    return params
+    out: dict[convert.Path_, _Slot] = {}
+    for path, value in convert.flatten(params).items():
+        if "layers" not in path:
+            out[path] = _Slot(value)
+            continue
+        at = path.index("layers")  # a scanned stack: axis 0 is the layer (stack_layers)
+        for i in range(value.shape[0]):
+            out[(*path[:at], f"layers_{i}", *path[at + 1 :])] = _Slot(value, i)
+    return out
 
 
 def _architecture_of(config: ModelConfig, flat: Mapping[convert.Path_, Any]) -> Architecture:
@@ -415,25 +523,34 @@ def save_pretrained(
     *,
     tokenizer: HFTokenizer | None = None,
     architecture: str | None = None,
+    max_shard_size: int | str = "5GB",
 ) -> Path:
-    """Writes a Hugging Face model directory: config.json, model.safetensors and, with
-    `tokenizer`, its files. `transformers` loads it (AutoModel*.from_pretrained) and computes
-    the same outputs as lmflax.
+    """Writes a Hugging Face model directory: config.json, the weights and, with `tokenizer`,
+    its files. `transformers` loads it (AutoModel*.from_pretrained) and computes the same
+    outputs as lmflax.
 
     params: the model's parameters (plain or boxed, `{"params": ...}` or the inner tree,
-    scanned or unrolled). The architecture follows from the config family and the parameters
-    (BertModel, BertForMaskedLM, BertForSequenceClassification (with a pooler),
-    BertForQuestionAnswering, DistilBertModel (type_vocab_size 0), GPT2LMHeadModel, the
-    Roberta* heads) unless given; a BERT token classifier needs
-    architecture='BertForTokenClassification', an XLM-RoBERTa one 'XLMRoberta...'.
+    scanned or unrolled; host arrays or jax.Arrays on any sharding, across processes too).
+    The architecture follows from the config family and the parameters (BertModel,
+    BertForMaskedLM, BertForSequenceClassification (with a pooler), BertForQuestionAnswering,
+    DistilBertModel (type_vocab_size 0), GPT2LMHeadModel, the Roberta* heads) unless given; a
+    BERT token classifier needs architecture='BertForTokenClassification', an XLM-RoBERTa one
+    'XLMRoberta...'.
+
+    The weights are streamed tensor by tensor: each parameter is brought to the host (from a
+    sharded layout: gathered) when its tensor is written, then freed, so the host holds one
+    tensor at a time. They go into `model.safetensors`, or, past `max_shard_size` (bytes, or
+    '5GB' / '500MiB' as transformers takes it), into `model-0000k-of-0000n.safetensors` shards
+    with `model.safetensors.index.json`. Under jax.distributed every process must call this
+    (the gathers are collective); process 0 writes the files.
     """
-    flat = convert.flatten(_plain_params(params))
+    slots = _export_slots(params)
     if architecture is not None:
         if architecture not in ARCHITECTURES:
             raise convert.unsupported(repr(architecture), "save_pretrained")
         arch = ARCHITECTURES[architecture]
     else:
-        arch = _architecture_of(model_config, flat)
+        arch = _architecture_of(model_config, slots)
     if convert.lmflax_family(arch) != model_config.family:
         raise CheckpointError(
             f"cannot export a model of family {model_config.family!r} as {arch.name} (which "
@@ -441,24 +558,37 @@ def save_pretrained(
         )
     num_labels = None
     if arch.labels is not None:
-        if arch.labels not in flat:
+        if arch.labels not in slots:
             raise CheckpointError(
                 f"{arch.name} needs a {convert.fmt_path(arch.labels)} parameter (its head)"
             )
-        num_labels = int(flat[arch.labels].shape[-1])
+        num_labels = int(slots[arch.labels].shape[-1])
     config = dataclasses.replace(model_config, scan_layers=False)
     if hasattr(config, "add_pooler"):
         config = dataclasses.replace(
-            config, add_pooler=any(p[-2:] == ("pooler", "kernel") for p in flat)
+            config, add_pooler=any(p[-2:] == ("pooler", "kernel") for p in slots)
         )
     hf = convert.hf_config(arch, config, num_labels=num_labels)
     prefix = arch.base_prefix if arch.head != "none" else ""
     lay = convert.layout(arch, config, prefix, num_labels)
-    tensors = convert.params_to_tensors(lay, flat, f"cannot export as {arch.name}")
+    rules = convert.export_rules(lay, slots, f"cannot export as {arch.name}")
+    files.parse_size(max_shard_size)  # a bad size is refused before anything is written
+    specs = {
+        name: (np.result_type(*(slots[p].dtype for p in rule.paths)), shape)
+        for rule in rules
+        for name, shape in zip(rule.hf, rule.hf_shapes)
+    }
+
+    def tensors() -> Any:
+        for rule in rules:
+            converted = convert.rule_to_hf(rule, [slots[p].host() for p in rule.paths])
+            for name, tensor in converted.items():
+                yield name, tensor.astype(specs[name][0], copy=False)
+            del converted
+
     out = Path(path).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    writer = jax.process_index() == 0
     if tokenizer is not None:
-        tokenizer.save(out)
         # The model config names the special tokens' ids as the tokenizer has them.
         pad = getattr(config, "pad_token_id", None)
         if pad is not None and tokenizer.token_id("pad_token") not in (None, pad):
@@ -471,6 +601,12 @@ def save_pretrained(
             token_id = tokenizer.token_id(key)
             if token_id is not None:
                 hf[f"{key}_id"] = token_id
-    write_json(out / "config.json", hf)
-    write_safetensors(out / "model.safetensors", tensors)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        if tokenizer is not None:
+            tokenizer.save(out)
+        write_json(out / "config.json", hf)
+    files.write_safetensors_stream(out, specs, tensors(), max_shard_size, write=writer)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("lmflax.hf.save_pretrained")
     return out
