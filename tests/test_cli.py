@@ -120,9 +120,9 @@ def test_a_config_is_resolved_once_per_run(tmp_path, monkeypatch, capsys):
     calls = []
     real = checks._resolve
 
-    def counting(cfg):
+    def counting(cfg, need_weights=True):
         calls.append(cfg)
-        return real(cfg)
+        return real(cfg, need_weights)
 
     monkeypatch.setattr(checks, "_resolve", counting)
     checks._resolve_cached.cache_clear()

@@ -637,3 +637,33 @@ def test_the_llama_lora_config_adapts_every_projection_of_a_llama():
             state, _ = step(state, trainer.global_batch(batch), jax.random.key(i))
     for a, b in zip(frozen_before, jax.tree.leaves(state.frozen)):
         assert a.tobytes() == np.asarray(b).tobytes()
+
+
+def test_a_run_is_planned_from_config_json_alone_and_refused_training_without_weights(
+    tmp_path, capsys
+):
+    """`lmflax plan` on a checkpoint folder holding only config.json (the weights not yet
+    downloaded) reports what it reports with the weights; `lmflax train` on it is exit 2 naming
+    the missing files, before a workdir exists."""
+    import shutil
+
+    from lmflax import cli
+    from lmflax.configs.finetune import tiny_llama_checkpoint
+
+    full = tiny_llama_checkpoint()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(full / "config.json", bare / "config.json")
+    reports = []
+    for directory in (full, bare):
+        assert cli.main(["plan", f"--config=finetune/llama_lora:{directory}"]) == 0
+        out = capsys.readouterr().out
+        reports.append(
+            [line for line in out.splitlines() if "parameters" in line or "base" in line]
+        )
+    assert reports[0] == reports[1] and any("frozen base" in line for line in reports[0])
+    work = tmp_path / "run"
+    assert cli.main(["train", f"--config=finetune/llama_lora:{bare}", f"--workdir={work}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.init_from: no weights in {bare}" in err and "model.safetensors" in err
+    assert not work.exists()

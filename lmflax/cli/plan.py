@@ -48,7 +48,10 @@ def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         with native_stderr_filtered():
             devices = plan.topology_devices(args.topology)
     _, report = plan.main(
-        resolve(cfg), devices=devices, peak_tflops=args.peak_tflops, hbm_gbps=args.hbm_gbps
+        resolve(cfg, need_weights=False),
+        devices=devices,
+        peak_tflops=args.peak_tflops,
+        hbm_gbps=args.hbm_gbps,
     )
     print(f"plan for {name}:\n{report}")
     return 0

@@ -39,7 +39,7 @@ class _Checkpoint:
 
     directory: Path
     hf: dict[str, Any]
-    source: WeightSource
+    source: WeightSource | None  # None: opened for its config alone (need_weights=False)
     arch: Architecture
     config: ModelConfig
     prefix: str
@@ -49,7 +49,8 @@ class _Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.source.close()
+        if self.source is not None:
+            self.source.close()
 
     @classmethod
     def open(
@@ -59,17 +60,27 @@ class _Checkpoint:
         *,
         revision: str | None = None,
         subfolder: str | None = None,
+        need_weights: bool = True,
     ) -> _Checkpoint:
+        """need_weights=False: a directory with config.json but no weight files opens too,
+        its settings read from config.json alone (for planning: the shapes are all it needs;
+        tensor names, which only BERT's pooler depends on, are taken as absent)."""
         directory = model_dir(path, revision=revision, subfolder=subfolder)
         hf = read_config(directory)
         where = str(directory / "config.json")
         if architecture is not None or hf.get("architectures"):
             # An unsupported architecture or option is refused from config.json alone, before
             # any weight file is opened (the tensor names only refine the pooler below).
-            convert.lmflax_config(
-                convert.resolve_architecture(hf, (), architecture, where), hf, (), where
-            )
-        source = WeightSource(find_weights(directory))
+            arch = convert.resolve_architecture(hf, (), architecture, where)
+            config = convert.lmflax_config(arch, hf, (), where)
+        try:
+            weights = find_weights(directory)
+        except FileNotFoundError:
+            if need_weights or not (architecture is not None or hf.get("architectures")):
+                raise
+            labels = convert.num_labels_of(hf) if arch.labels is not None else None
+            return cls(directory, hf, None, arch, config, arch.base_prefix, labels)
+        source = WeightSource(weights)
         try:
             arch = convert.resolve_architecture(hf, source, architecture, where)
             config = convert.lmflax_config(arch, hf, source, where)
@@ -257,7 +268,7 @@ def model_config(path: str | Path, **overrides: Any) -> ModelConfig:
             f"model_config got {', '.join(bad)}: the checkpoint's config.json fixes them; "
             f"accepted: {', '.join(convert.RUNTIME_FIELDS)}, init_from"
         )
-    with _Checkpoint.open(path) as ckpt:
+    with _Checkpoint.open(path, need_weights=False) as ckpt:
         config = ckpt.config
     # A hub id stays an id (portable between machines); a local path becomes absolute.
     source = str(path) if is_hub_id(path) else str(Path(path).expanduser().resolve())
@@ -280,13 +291,14 @@ def parse_init_from(spec: str) -> Path:
     return Path(spec[len(HF_SCHEME) :]).expanduser()
 
 
-def check_init_from(config: ModelConfig) -> list[str]:
+def check_init_from(config: ModelConfig, *, need_weights: bool = True) -> list[str]:
     """Why `config` cannot start from the checkpoint its init_from names (empty = it can):
     missing files, an unsupported architecture, or architecture settings that differ from the
-    checkpoint's config.json (each named with both values)."""
+    checkpoint's config.json (each named with both values). need_weights=False (planning)
+    asks only for config.json."""
     try:
         directory = parse_init_from(config.init_from)
-        with _Checkpoint.open(directory) as ckpt:
+        with _Checkpoint.open(directory, need_weights=need_weights) as ckpt:
             theirs, arch, hf = ckpt.config, ckpt.arch, ckpt.hf
     except (OSError, ValueError) as e:
         return [f"model.init_from: {e}"]

@@ -20,20 +20,22 @@ from lmflax.tasks import TASKS
 from lmflax.train.metrics import plugin_problems
 
 
-def resolve(cfg: Config) -> Config:
-    """Returns `cfg` if it can run; raises ConfigError listing every problem otherwise."""
+def resolve(cfg: Config, *, need_weights: bool = True) -> Config:
+    """Returns `cfg` if it can run; raises ConfigError listing every problem otherwise.
+    need_weights=False (the planner): a model.init_from checkpoint needs only its config.json,
+    so a run can be planned from the shapes before its weights are downloaded."""
     try:
-        return _resolve_cached(cfg)
+        return _resolve_cached(cfg, need_weights)
     except TypeError:  # an unhashable value somewhere in a hand-built config: no caching
-        return _resolve(cfg)
+        return _resolve(cfg, need_weights)
 
 
 @functools.lru_cache(maxsize=32)
-def _resolve_cached(cfg: Config) -> Config:
-    return _resolve(cfg)
+def _resolve_cached(cfg: Config, need_weights: bool) -> Config:
+    return _resolve(cfg, need_weights)
 
 
-def _resolve(cfg: Config) -> Config:
+def _resolve(cfg: Config, need_weights: bool = True) -> Config:
     errs: list[str] = []
     try:
         cfg.validate()
@@ -43,7 +45,7 @@ def _resolve(cfg: Config) -> Config:
     for m in cfg.task.metrics:
         one_of(errs, "task.metrics entry", m, METRICS)
     if getattr(cfg.model, "init_from", None) is not None:
-        errs += check_init_from(cfg.model)
+        errs += check_init_from(cfg.model, need_weights=need_weights)
     errs += plugin_problems(cfg.train.writers)
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

@@ -505,7 +505,7 @@ def main(
     and its report. Raises ConfigError when it does not fit the budget."""
     if topology is not None:
         devices = topology_devices(topology)
-    trainer = Trainer.create(cfg, init=False, devices=devices)
+    trainer = Trainer.create(cfg, init=False, devices=devices, need_weights=False)
     plan = make_plan(trainer)
     chip = plan.chip
     peak = peak_tflops * 1e12 if peak_tflops else (chip.peak_flops if chip else None)

@@ -54,16 +54,25 @@ class Trainer:
 
     @classmethod
     def create(
-        cls, cfg: Config, *, init: bool = True, devices: Sequence[jax.Device] | None = None
+        cls,
+        cfg: Config,
+        *,
+        init: bool = True,
+        devices: Sequence[jax.Device] | None = None,
+        need_weights: bool = True,
     ) -> Trainer:
         """Builds the task, mesh and train state: freshly initialised and sharded if `init`,
         else abstract (ShapeDtypeStructs; restore a checkpoint or call `initialize`).
 
         devices: the mesh's devices (default all, over every process); the planner passes the
         devices of a TPU topology description to compile for a slice it does not have.
-        The config is resolved first (`lmflax.train.resolve`; once per distinct config).
+        The config is resolved first (`lmflax.train.resolve`; once per distinct config);
+        need_weights=False (with init=False) lets a model.init_from checkpoint lack its weight
+        files, for planning.
         """
-        cfg = resolve(cfg)
+        if init and not need_weights:
+            raise ValueError("Trainer.create(init=True) reads the init_from weights: need_weights")
+        cfg = resolve(cfg, need_weights=need_weights)
         devices = list(jax.devices() if devices is None else devices)
         validate_devices(cfg, len(devices))
         task = make_task(cfg)
