@@ -28,7 +28,7 @@ import lmflax  # noqa: E402
 from lmflax.config import MeshConfig  # noqa: E402
 from lmflax.hf import files  # noqa: E402
 from lmflax.hf.convert import flatten, fmt_path  # noqa: E402
-from lmflax.parallel import make_mesh  # noqa: E402
+from lmflax.parallel import distributed, make_mesh  # noqa: E402
 
 
 def sharded_load(directory: str, **kwargs) -> dict:
@@ -117,6 +117,12 @@ def two(llama: str, out: str) -> dict:
     del report["params"]
     report["process"] = jax.process_index()
     report["local_devices"] = jax.local_device_count()
+    # A value that costs I/O (a LoRA base's checksums) is computed on process 0 and shared.
+    computed = []
+    report["coordinator_value"] = distributed.from_coordinator(
+        lambda: computed.append(1) or {"from": jax.process_index(), "files": {"a": [1, "x"]}}
+    )
+    report["computed"] = len(computed)
     # Scanned layers: each stacked parameter is read from the per-layer tensors; the export
     # takes one layer of it at a time from both processes' devices.
     scanned = sharded_load(llama, scan_layers=True)

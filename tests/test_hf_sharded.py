@@ -353,6 +353,8 @@ def test_two_processes_read_half_of_each_sharded_tensor(checkpoints, tmp_path, t
     stored = _stored_bytes(dirs["llama"])
     for i, r in enumerate(reports):
         assert r["process"] == i and r["local_devices"] == 4
+        assert r["coordinator_value"] == {"from": 0, "files": {"a": [1, "x"]}}
+        assert r["computed"] == (1 if i == 0 else 0)
         for report in (r, r["scanned"]):
             expected, largest = _check_shards(report, processes=2)
             assert report["bytes"] == expected < 0.6 * stored

@@ -35,7 +35,8 @@ from lmflax.nn import unstack_layers
 def base_fingerprint(init_from: str) -> dict[str, Any]:
     """What a LoRA checkpoint records of the base it references (model.init_from='hf:DIR'):
     the directory and {file: [size, sha256]} of its config.json and weight files (every shard
-    of a sharded checkpoint). Reads every byte of the weights once."""
+    of a sharded checkpoint). Reads every byte of the weights once (the trainer asks process 0
+    alone, `lmflax.parallel.distributed.from_coordinator`)."""
     directory = parse_init_from(init_from)
     weights = find_weights(directory)
     files = [directory / "config.json", weights]

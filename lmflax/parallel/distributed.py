@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +127,21 @@ def _cpu_collectives() -> None:
 def is_coordinator() -> bool:
     """True in process 0, the one that writes logs, metrics and summaries."""
     return jax.process_index() == 0
+
+
+def from_coordinator(compute: Callable[[], Any]) -> Any:
+    """`compute()` run on process 0 only, its (JSON-able) result given to every process.
+
+    For values that cost I/O and must agree across hosts (a base checkpoint's checksums): the
+    other processes neither read nor compute, and none can disagree with process 0's answer.
+    All processes must call it at the same point (it is a collective).
+    """
+    if jax.process_count() == 1:
+        return compute()
+    data = json.dumps(compute()).encode() if is_coordinator() else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    buf = np.zeros(size, np.uint8)
+    if is_coordinator():
+        buf[:] = np.frombuffer(data, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return json.loads(buf.tobytes().decode())

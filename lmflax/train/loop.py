@@ -31,7 +31,7 @@ from lmflax.core.losses import finalize
 from lmflax.core.state import TrainState
 from lmflax.data import sources
 from lmflax.hf import adapters
-from lmflax.parallel import validate_devices
+from lmflax.parallel import distributed, validate_devices
 from lmflax.train import plan
 from lmflax.train.checkpoint import TMP_SUFFIX, Checkpointer
 from lmflax.train.checks import check_run, resolve
@@ -205,7 +205,10 @@ class _Loop:
         # they record its files' sums, and a resumed run refuses a base that has changed.
         self.base_fingerprint = None
         if trainer.lora_plan is not None and not trainer.state.save_frozen:
-            self.base_fingerprint = adapters.base_fingerprint(self.cfg.model.init_from)
+            # Hashed on process 0 alone (every byte of the base), shared with the others.
+            self.base_fingerprint = distributed.from_coordinator(
+                lambda: adapters.base_fingerprint(self.cfg.model.init_from)
+            )
 
     # -- checks ---------------------------------------------------------------------------------
 
