@@ -38,6 +38,7 @@ from lmflax.hf.pretrained import (
     init_params,
     model_config,
     save_pretrained,
+    seq2seq_settings,
 )
 from lmflax.models import BertForSequenceClassification
 
@@ -55,4 +56,5 @@ __all__ = [
     "load_tokenizer",
     "model_config",
     "save_pretrained",
+    "seq2seq_settings",
 ]
