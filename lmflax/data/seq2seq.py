@@ -6,7 +6,7 @@ target share the model's single embedding table). Pairs are padded, not packed: 
 one example, with masks marking the padding on both sides.
 
   inputs [S] = source tokens (at most S - 1) + EOS, padded        inputs_mask [S]: 1 = real
-  decoder_inputs [T] = START + targets[:-1]                       targets [T] = target + EOS
+  decoder_inputs [T] = START + targets[:-1], padded               targets [T] = target + EOS
   weights [T]: 1 where a target token is real
 
 as Hugging Face fine-tunes its encoder-decoders: a sequence is framed with the tokenizer's own
@@ -168,7 +168,9 @@ def encode_pair(
     targets[:n] = tgt
     decoder_inputs = np.full(target_len, tokenizer.pad_id, np.int32)
     decoder_inputs[0] = start_id(tokenizer, decoder_start_id)
-    decoder_inputs[1:n] = tgt[:-1]
+    # All of targets shifted right, the final EOS too when it fits (a padded position, which
+    # transformers' shift_tokens_right also fills with it).
+    decoder_inputs[1 : n + 1] = tgt[: target_len - 1]
     weights = np.zeros(target_len, np.float32)
     weights[:n] = 1.0
     return {

@@ -116,6 +116,11 @@ def get_config(arg: str | None = None) -> Config:
             }
         )
     else:
-        limit = changes.get("generate.max_new_tokens", cfg.task.target_len)
-        changes["generate.max_new_tokens"] = min(limit, cfg.task.target_len)
+        # Lengths within the checkpoint's positions (generation also feeds the start token).
+        positions = changes["model"].max_len
+        target_len = min(cfg.task.target_len, positions - 1)
+        limit = changes.get("generate.max_new_tokens", target_len)
+        changes["task.target_len"] = target_len
+        changes["data.seq_len"] = min(cfg.data.seq_len, positions)
+        changes["generate.max_new_tokens"] = min(limit, target_len)
     return override(cfg, changes)
