@@ -39,7 +39,7 @@ def is_marian_dir(directory: Path) -> bool:
 
 def _load_spm(path: Path) -> Any:
     try:
-        import sentencepiece
+        import sentencepiece  # deferred: optional (the hf extra), only Marian folders need it
     except ImportError:
         raise ImportError(
             f"{path.parent} is a Marian tokenizer (source.spm, target.spm, vocab.json), which "

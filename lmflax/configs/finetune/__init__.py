@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lmflax import hf
+from lmflax.hf import bart
 from lmflax.models import PRESETS, EncoderDecoder
 
 
@@ -30,16 +32,12 @@ def tiny_seq2seq_checkpoint(name: str, arch: str, hf_config: dict[str, Any]) -> 
     (seed 0), made from the transformers config.json `hf_config` (shapes, token ids and
     generation settings, which config.json keeps): the `:tiny` checkpoint of a seq2seq
     fine-tuning config, so that export -> init_from -> train -> generate runs offline."""
-    from lmflax.hf import bart  # deferred: only the seq2seq configs need it
-
     kind = {"BartForConditionalGeneration": "bart", "MarianMTModel": "marian"}[arch]
     model = bart.to_config(bart.ARCHS[kind], hf_config, (), f"{name} (tiny)")
     digest = hashlib.sha256(repr((model, sorted(hf_config.items()))).encode()).hexdigest()[:12]
     path = Path(tempfile.gettempdir()) / f"lmflax-{name}-tiny-{digest}"
     if (path / "model.safetensors").exists():
         return path
-    from lmflax import hf
-
     ids = jnp.zeros((1, 8), jnp.int32)
     params = EncoderDecoder(model).init(jax.random.key(0), ids, ids, deterministic=True)
     # Written aside, then renamed: concurrent runs never see half a directory.
