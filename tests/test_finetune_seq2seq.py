@@ -397,3 +397,48 @@ def test_tiny_config_trains_from_its_checkpoint_and_evaluates_by_generation(
     assert sorted(summary["generation"]) == sorted(metrics)
     predictions = (tmp_path / "w" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_checkpoint_settings_lmflax_cannot_apply_are_refused_by_name(tmp_path):
+    from lmflax.hf import CheckpointError, seq2seq_settings
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "marian"}))
+    with pytest.raises(CheckpointError, match=r"no decoder_start_token_id .*got None"):
+        seq2seq_settings(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"decoder_start_token_id": 7}))
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"bad_words_ids": [[7], [3, 4]], "forced_eos_token_id": [2], "max_length": 9})
+    )
+    with pytest.raises(CheckpointError, match=r"bad_words_ids \[\[3, 4\]\] ban token sequences"):
+        seq2seq_settings(tmp_path)
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"bad_words_ids": [[7]], "forced_eos_token_id": [2], "max_length": 9})
+    )
+    assert seq2seq_settings(tmp_path) == {
+        "task.decoder_start_id": 7,
+        "generate.forced_bos_id": -1,
+        "generate.forced_eos_id": 2,
+        "generate.banned_ids": (7,),
+        "generate.max_new_tokens": 8,
+    }
+
+
+def test_token_ids_outside_the_vocabulary_are_config_errors():
+    from lmflax.config import ConfigError, GenerateConfig, TaskConfig
+    from lmflax.tasks import make_task
+
+    errs = GenerateConfig(forced_bos_id=-2, banned_ids=(3, -1)).validate()
+    assert any("generate.forced_bos_id" in e and "-2" in e for e in errs), errs
+    assert any("generate.banned_ids" in e and "[-1]" in e for e in errs), errs
+    assert any("task.decoder_start_id" in e for e in TaskConfig(decoder_start_id=-5).validate())
+    cfg, _ = load_config_file("wmt14_de_en:tiny")
+    bad = override(cfg, {"task.decoder_start_id": 4096, "generate.banned_ids": (1, 5000)})
+    with pytest.raises(ConfigError) as e:
+        make_task(resolve(override(bad, {"mesh.data": 1})))
+    msg = str(e.value)
+    assert "model.vocab_size=4096" in msg and "task.decoder_start_id=4096" in msg
+    assert "generate.banned_ids[1]=5000" in msg and "banned_ids[0]" not in msg
