@@ -93,6 +93,59 @@ def sample_logits(
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+class Constraints(NamedTuple):
+    """Tokens forced or banned while decoding, as Hugging Face `generate` applies them.
+
+    forced_bos_id: the first new token (transformers' `forced_bos_token_id`: BART's <s> after the
+    decoder start). forced_eos_id: the last of max_new_tokens (`forced_eos_token_id`: a
+    hypothesis cut at the length limit still ends with EOS). banned_ids: never chosen
+    (`bad_words_ids` of single tokens: Marian bans its pad token, which is also its decoder
+    start). None / () = off. Hashable, so it can be a static argument of a jitted function.
+    """
+
+    forced_bos_id: int | None = None
+    forced_eos_id: int | None = None
+    banned_ids: tuple[int, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return (
+            self.forced_bos_id is not None
+            or self.forced_eos_id is not None
+            or bool(self.banned_ids)
+        )
+
+
+NO_CONSTRAINTS = Constraints()
+
+
+def constrain_scores(
+    scores: jax.Array, step: jax.Array | int, max_new_tokens: int, constraints: Constraints
+) -> jax.Array:
+    """scores [B, V] (logits or log-probabilities) of new token `step` (0-based) -> float32
+    scores with banned tokens at -inf, and at a forced step every token but the forced one at
+    -inf and the forced one at 0 (transformers' processors do exactly this, to the
+    log-probabilities in beam search and to the logits in greedy search and sampling)."""
+    scores = scores.astype(jnp.float32)
+    if not constraints.active:
+        return scores
+    V = scores.shape[-1]
+    vocab = jnp.arange(V)
+    if constraints.banned_ids:
+        banned = jnp.isin(vocab, jnp.asarray(constraints.banned_ids, jnp.int32))
+        scores = jnp.where(banned, -jnp.inf, scores)
+    for token, at in (
+        (constraints.forced_bos_id, 0),
+        (constraints.forced_eos_id, max_new_tokens - 1),
+    ):
+        if token is not None:
+            if not 0 <= token < V:
+                raise ValueError(f"forced token id {token} is outside the vocabulary [0, {V})")
+            only = jnp.where(vocab == token, 0.0, -jnp.inf)
+            scores = jnp.where(step == at, jnp.broadcast_to(only, scores.shape), scores)
+    return scores
+
+
 LENGTH_PENALTIES = ("gnmt", "hf")
 EARLY_STOPPING = (None, True, False, "never")
 # A config's generate.early_stopping (lmflax.config.GenerateConfig) -> early_stopping.
@@ -332,13 +385,15 @@ def sample_loop(
     eos_id: int | None = None,
     pad_id: int = 0,
     return_logits: bool = False,
+    constraints: Constraints = NO_CONSTRAINTS,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Draws max_new_tokens tokens per row -> [B, N] int32 (and with return_logits the float32
     logits [B, N, V] each token was drawn from; zeros after an early stop).
 
     logits [B, V] predict the first token; step_fn(state, tokens [B]) -> (next logits, state).
     A row that emits eos_id is finished: the rest of it is pad_id, and the loop stops once every
-    row is finished. Token t is drawn with fold_in(rng, t).
+    row is finished. Token t is drawn with fold_in(rng, t), from the logits after
+    `constrain_scores` (forced and banned tokens).
     """
     B, V = logits.shape
     N = max_new_tokens
@@ -351,6 +406,7 @@ def sample_loop(
 
     def body(carry: tuple) -> tuple:
         i, state, logits, out, done, seen = carry
+        logits = constrain_scores(logits, i, N, constraints)
         token = sample_logits(
             logits, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k, top_p=top_p
         )
@@ -380,6 +436,7 @@ def sample_loop(
         "eos_id",
         "pad_id",
         "return_logits",
+        "constraints",
     ),
 )
 def generate(
@@ -398,6 +455,7 @@ def generate(
     encoder_inputs: jax.Array | None = None,
     encoder_mask: jax.Array | None = None,
     return_logits: bool = False,
+    constraints: Constraints = NO_CONSTRAINTS,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """prompt [B, P] int32 -> [B, P + max_new_tokens]: the prompt followed by sampled tokens
     (with return_logits also the logits [B, N, V] every new token was chosen from).
@@ -407,7 +465,7 @@ def generate(
     (lmflax.models.EncoderDecoder) with `encoder_inputs` [B, S] (+ encoder_mask), the prompt
     being the decoder's start tokens. prompt_mask [B, P] marks real tokens of left-padded
     prompts. temperature 0 is greedy; top_k / top_p filter before sampling. After eos_id a row
-    is filled with pad_id.
+    is filled with pad_id. `constraints`: tokens forced or banned (see `Constraints`).
     """
     logits, state = prefill(
         model,
@@ -430,6 +488,7 @@ def generate(
         eos_id=eos_id,
         pad_id=pad_id,
         return_logits=return_logits,
+        constraints=constraints,
     )
     if return_logits:
         new, seen = new
@@ -500,6 +559,7 @@ def beam_search_loop(
     pad_id: int = 0,
     length_penalty_form: str = "gnmt",
     early_stopping: bool | str | None = None,
+    constraints: Constraints = NO_CONSTRAINTS,
 ) -> BeamOutput:
     """Beam search over up to max_new_tokens tokens.
 
@@ -521,6 +581,8 @@ def beam_search_loop(
     once the best live beam, scored at its current length, cannot beat the worst finished one;
     'never' once it cannot at any length up to max_new_tokens (the same bound as None). A row that stops takes no more hypotheses, and at
     max_new_tokens the W best candidates of the last step finish (and count as finished).
+    `constraints` (forced and banned tokens) apply to the log-probabilities before the beams'
+    scores are added, as transformers applies its logits processors.
     """
     B, V = logits.shape
     W, N = beam_size, max_new_tokens
@@ -567,7 +629,8 @@ def beam_search_loop(
 
     def body(carry: tuple) -> tuple:
         i, state, logits, alive_logp, alive_seq, fin_seq, fin_score, fin_flag, stopped = carry
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(B, W, V)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        logp = constrain_scores(logp, i, N, constraints).reshape(B, W, V)
         candidates = (alive_logp[:, :, None] + logp).reshape(B, W * V)
         top_logp, top_index = jax.lax.top_k(candidates, 2 * W)  # [B, 2W]
         beam, token = top_index // V, (top_index % V).astype(jnp.int32)
@@ -634,6 +697,7 @@ def beam_search_loop(
         "pad_id",
         "length_penalty_form",
         "early_stopping",
+        "constraints",
     ),
 )
 def beam_search(
@@ -651,6 +715,7 @@ def beam_search(
     encoder_mask: jax.Array | None = None,
     length_penalty_form: str = "gnmt",
     early_stopping: bool | str | None = None,
+    constraints: Constraints = NO_CONSTRAINTS,
 ) -> BeamOutput:
     """Beam search from prompt [B, P] (as in `generate`) -> BeamOutput with [B, beam_size, N]
     new tokens; `.sequences[:, 0]` is the highest-scoring finished hypothesis of each row.
@@ -680,6 +745,7 @@ def beam_search(
         pad_id=pad_id,
         length_penalty_form=length_penalty_form,
         early_stopping=early_stopping,
+        constraints=constraints,
     )
 
 
@@ -702,8 +768,11 @@ def generate_tokens(
     encoder_mask: jax.Array | None = None,
 ) -> jax.Array:
     """New tokens [B, max_new_tokens] chosen as `settings` (an lmflax.config.GenerateConfig)
-    says: beam search when beam_size > 1 (the best hypothesis), else sampling."""
+    says: beam search when beam_size > 1 (the best hypothesis), else sampling; with the
+    forced and banned tokens it names (forced_bos_id / forced_eos_id, -1 = none; banned_ids)."""
+    constraints = constraints_of(settings)
     common = dict(
+        constraints=constraints,
         max_new_tokens=max_new_tokens,
         eos_id=eos_id,
         pad_id=pad_id,
@@ -734,6 +803,17 @@ def generate_tokens(
         **common,
     )
     return out[:, prompt.shape[1] :]
+
+
+def constraints_of(settings: Any) -> Constraints:
+    """The `Constraints` a GenerateConfig names (forced ids < 0 = none)."""
+    bos = getattr(settings, "forced_bos_id", -1)
+    eos = getattr(settings, "forced_eos_id", -1)
+    return Constraints(
+        forced_bos_id=bos if bos >= 0 else None,
+        forced_eos_id=eos if eos >= 0 else None,
+        banned_ids=tuple(int(t) for t in getattr(settings, "banned_ids", ())),
+    )
 
 
 def until_eos(tokens: Sequence[int] | np.ndarray, eos_id: int | None) -> list[int]:

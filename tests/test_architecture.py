@@ -50,6 +50,7 @@ DEFERRABLE = {
     "fsspec",
     "peft",
     "pyarrow",
+    "sentencepiece",  # Marian's .spm tokenizers only (lmflax.data.marian_tokenizer)
 }
 
 

@@ -245,3 +245,52 @@ def test_unsupported_settings_are_refused_by_name(name, change, match, tiny, tmp
     shutil.copy(path / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=match):
         lmflax.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "beams"), [("bart", 1), ("bart", 3), ("marian", 1), ("marian", 3)]
+)
+def test_forced_and_banned_tokens_equal_transformers_generate(name, beams, tiny, torch):
+    """BART's forced_bos_token_id / forced_eos_token_id and Marian's bad_words_ids=[[pad]]
+    (+ a token the model would choose, + forced EOS): lmflax.decode's Constraints give
+    generate's tokens, greedy and beam, and they change what is generated."""
+    path, ref = tiny[name]
+    model, params = lmflax.from_pretrained(path)
+    # These random models repeat one token (`free`); forcing and banning must move them off it.
+    beam = {"length_penalty": 1.2, "early_stopping": True} if beams > 1 else {}
+    free = _hf_generate(torch, ref, name, eos_token_id=None, num_beams=beams, **beam)
+    eos = int(next(t for t in range(3, V) if t not in free))
+    hf_kwargs = {"forced_eos_token_id": eos}
+    if name == "bart":
+        forced_bos = int(next(t for t in range(eos + 1, V) if t not in free))
+        banned = ()
+        hf_kwargs["forced_bos_token_id"] = forced_bos
+    else:
+        # (transformers never bans the EOS itself: it drops it from bad_words_ids.)
+        forced_bos, banned = None, (PAD, *sorted({int(t) for t in free[:, 0]}))
+        hf_kwargs["bad_words_ids"] = [[t] for t in banned]
+    want = _hf_generate(torch, ref, name, eos_token_id=eos, num_beams=beams, **beam, **hf_kwargs)
+    assert not np.array_equal(want, free), "the constraints must change the output"
+    constraints = decode.Constraints(forced_bos_id=forced_bos, forced_eos_id=eos, banned_ids=banned)
+    src, src_mask = _right_pad(SOURCES)
+    common = dict(
+        encoder_inputs=jnp.asarray(src),
+        encoder_mask=jnp.asarray(src_mask),
+        max_new_tokens=NEW,
+        eos_id=eos,
+        pad_id=PAD,
+        constraints=constraints,
+    )
+    start = jnp.full((len(SOURCES), 1), _start(name), jnp.int32)
+    if beams == 1:
+        out = decode.generate(
+            model, params, start, rng=jax.random.key(0), temperature=0.0, **common
+        )
+        got = np.asarray(out)[:, 1:]
+    else:
+        out = decode.beam_search(
+            model, params, start, beam_size=beams, length_penalty=1.2,
+            length_penalty_form="hf", early_stopping=True, **common,
+        )  # fmt: skip
+        got = np.asarray(out.sequences[:, 0])
+    np.testing.assert_array_equal(got, want)

@@ -54,6 +54,10 @@ class TaskConfig:
     random token, the rest stay), or 'seq2seq' (an encoder-decoder maps a record's source_key
     text, data.seq_len tokens at most, to its target_key text, target_len tokens at most; the
     generated text is scored with `metrics`, 'bleu' and/or 'rouge', at the end).
+    decoder_start_id: the token the decoder starts from (decoder inputs are it + the targets
+    shifted right; generation starts from it); -1 = the tokenizer's end-of-sequence token,
+    lmflax's own convention. Pretrained checkpoints name theirs (`decoder_start_token_id`: T5
+    and Marian the pad token, BART its EOS).
 
     loss_chunk_size: 0 computes the full [B, T, V] logits; N > 0 computes the loss N positions
     (of every row) at a time with `chunked_cross_entropy`, which never holds the full float32
@@ -90,6 +94,7 @@ class TaskConfig:
     metrics: tuple[str, ...] = ("bleu",)
     chat_template: str = "auto"
     system_prompt: str = ""
+    decoder_start_id: int = -1
 
     def validate(self) -> list[str]:
         """The problems of this section as messages (empty = valid). Whether `name` is a known
@@ -118,6 +123,11 @@ class TaskConfig:
         for name in ("target_len", "num_labels", "max_query_len", "doc_stride", "max_answer_len"):
             if getattr(self, name) <= 0:
                 errs.append(f"task.{name} must be > 0, got {getattr(self, name)}")
+        if self.decoder_start_id < -1:
+            errs.append(
+                f"task.decoder_start_id must be a token id >= 0, or -1 (the tokenizer's EOS), "
+                f"got {self.decoder_start_id}"
+            )
         return errs
 
 
@@ -137,6 +147,10 @@ class GenerateConfig:
     task's default (task.target_len for seq2seq, train.sample_tokens for a causal LM).
     eval_examples: examples of data.eval_split decoded and scored after training (0 = none);
     their predictions are written to workdir/predictions.jsonl.
+    forced_bos_id / forced_eos_id: the token the first / last (max_new_tokens-th) new token must
+    be, -1 = none; banned_ids: tokens never generated (transformers' forced_bos_token_id,
+    forced_eos_token_id and single-token bad_words_ids: BART forces <s> then </s>, Marian bans
+    its pad token).
     """
 
     beam_size: int = 1
@@ -149,6 +163,9 @@ class GenerateConfig:
     max_new_tokens: int = 0
     eval_examples: int = 64
     seed: int = 0
+    forced_bos_id: int = -1
+    forced_eos_id: int = -1
+    banned_ids: tuple[int, ...] = ()
 
     def validate(self) -> list[str]:
         """The problems of this section as messages (empty = valid)."""
@@ -167,6 +184,15 @@ class GenerateConfig:
         for name in ("max_new_tokens", "eval_examples"):
             if getattr(self, name) < 0:
                 errs.append(f"generate.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("forced_bos_id", "forced_eos_id"):
+            if getattr(self, name) < -1:
+                errs.append(
+                    f"generate.{name} must be a token id >= 0, or -1 (none), got "
+                    f"{getattr(self, name)}"
+                )
+        bad = [t for t in self.banned_ids if not isinstance(t, int) or t < 0]
+        if bad:
+            errs.append(f"generate.banned_ids must be token ids >= 0, got {bad}")
         return errs
 
 

@@ -22,6 +22,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from lmflax.data.chat import TEMPLATE_FILE, read_chat_template
 from lmflax.data.hub import CheckpointError, model_dir
+from lmflax.data.marian_tokenizer import MarianTokenizer, is_marian_dir
 from lmflax.data.tokenizers import Tokenizer
 
 SPECIAL_KEYS = (
@@ -180,7 +181,8 @@ class HFTokenizer:
         else:
             raise FileNotFoundError(
                 f"no tokenizer in {directory}: looked for tokenizer.json, vocab.txt (BERT "
-                "WordPiece) and vocab.json + merges.txt (GPT-2 byte-level BPE)"
+                "WordPiece), vocab.json + merges.txt (GPT-2 byte-level BPE) and source.spm + "
+                "vocab.json (Marian, through load_tokenizer)"
             )
         if not specials:
             # A bare tokenizer.json: take the usual names it knows.
@@ -405,6 +407,11 @@ _DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 def load_tokenizer(
     path: str | Path, *, revision: str | None = None, subfolder: str | None = None
-) -> HFTokenizer:
-    """The tokenizer of a HF model directory or hub id (see `HFTokenizer.from_pretrained`)."""
-    return HFTokenizer.from_pretrained(path, revision=revision, subfolder=subfolder)
+) -> HFTokenizer | MarianTokenizer:
+    """The tokenizer of a HF model directory or hub id: a Marian directory (source.spm,
+    target.spm, vocab.json and no tokenizer.json) as a `MarianTokenizer` (sentencepiece), any
+    other as an `HFTokenizer` (see `HFTokenizer.from_pretrained`)."""
+    directory = model_dir(path, revision=revision, subfolder=subfolder)
+    if is_marian_dir(directory):
+        return MarianTokenizer.from_pretrained(directory)
+    return HFTokenizer.from_pretrained(directory)

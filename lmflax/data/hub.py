@@ -34,6 +34,8 @@ _REPO_FILES = (
     "vocab.txt",
     "vocab.json",
     "merges.txt",
+    "source.spm",  # Marian (Helsinki-NLP opus-mt): SentencePiece models per side
+    "target.spm",
 )
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors")
 _TORCH_BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin")

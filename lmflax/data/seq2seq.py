@@ -6,8 +6,15 @@ target share the model's single embedding table). Pairs are padded, not packed: 
 one example, with masks marking the padding on both sides.
 
   inputs [S] = source tokens (at most S - 1) + EOS, padded        inputs_mask [S]: 1 = real
-  decoder_inputs [T] = EOS (the decoder's start) + target[:-1]    targets [T] = target + EOS
+  decoder_inputs [T] = START + targets[:-1], padded               targets [T] = target + EOS
   weights [T]: 1 where a target token is real
+
+as Hugging Face fine-tunes its encoder-decoders: a sequence is framed with the tokenizer's own
+special tokens when it has them (BART: <s> text </s> on both sides; T5, Marian: text </s>;
+`Tokenizer.encode_sequence`), the target side of a Marian tokenizer uses its target.spm, and
+START is task.decoder_start_id (transformers' `decoder_start_token_id`: BART's </s>, T5's and
+Marian's pad; -1 = the EOS, lmflax's own convention), so decoder_inputs are transformers'
+`shift_tokens_right(labels)` and weights 0 are its labels of -100.
 """
 
 from __future__ import annotations
@@ -120,13 +127,24 @@ def load_pair_tokenizer(cfg: Config) -> Tokenizer:
 
 
 def end_id(tokenizer: Tokenizer) -> int | None:
-    """The token that ends a sequence and starts the decoder (EOS, or [SEP] for WordPiece)."""
+    """The token that ends a sequence (EOS, or [SEP] for WordPiece)."""
     return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
 
 
+def start_id(tokenizer: Tokenizer, decoder_start_id: int = -1) -> int:
+    """The decoder's first input: task.decoder_start_id, or the end token when it is -1."""
+    if decoder_start_id >= 0:
+        return decoder_start_id
+    end = end_id(tokenizer)
+    if end is None:
+        raise DataError("the tokenizer has no end token (EOS or [SEP]) to start the decoder with")
+    return end
+
+
 def encode_source(tokenizer: Tokenizer, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """text -> (ids [length], mask [length]): at most length - 1 tokens + EOS, right-padded."""
-    ids = [*tokenizer.encode(text)[: length - 1], end_id(tokenizer)]
+    """text -> (ids [length], mask [length]): the framed sequence (`encode_sequence`, at most
+    `length` tokens), right-padded."""
+    ids = tokenizer.encode_sequence(text, length)
     out = np.full(length, tokenizer.pad_id, np.int32)
     out[: len(ids)] = ids
     mask = np.zeros(length, np.int32)
@@ -135,18 +153,24 @@ def encode_source(tokenizer: Tokenizer, text: str, length: int) -> tuple[np.ndar
 
 
 def encode_pair(
-    tokenizer: Tokenizer, source: str, target: str, source_len: int, target_len: int
+    tokenizer: Tokenizer,
+    source: str,
+    target: str,
+    source_len: int,
+    target_len: int,
+    decoder_start_id: int = -1,
 ) -> dict[str, np.ndarray]:
     """One training example (see the module docstring for the fields)."""
-    eos = end_id(tokenizer)
     inputs, inputs_mask = encode_source(tokenizer, source, source_len)
-    tgt = [*tokenizer.encode(target)[: target_len - 1], eos]
+    tgt = tokenizer.encode_sequence(target, target_len, target=True)
     n = len(tgt)
     targets = np.full(target_len, tokenizer.pad_id, np.int32)
     targets[:n] = tgt
     decoder_inputs = np.full(target_len, tokenizer.pad_id, np.int32)
-    decoder_inputs[0] = eos
-    decoder_inputs[1:n] = tgt[:-1]
+    decoder_inputs[0] = start_id(tokenizer, decoder_start_id)
+    # All of targets shifted right, the final EOS too when it fits (a padded position, which
+    # transformers' shift_tokens_right also fills with it).
+    decoder_inputs[1 : n + 1] = tgt[: target_len - 1]
     weights = np.zeros(target_len, np.float32)
     weights[:n] = 1.0
     return {
@@ -174,7 +198,9 @@ def seq2seq_dataset(
 
     def encode(index: int, record: dict[str, Any]) -> dict[str, np.ndarray]:
         src, tgt = pair_of(record, task.source_key, task.target_key, index)
-        return encode_pair(tokenizer, src, tgt, data.seq_len, task.target_len)
+        return encode_pair(
+            tokenizer, src, tgt, data.seq_len, task.target_len, task.decoder_start_id
+        )
 
     ds = documents(
         data,

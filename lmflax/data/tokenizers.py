@@ -53,6 +53,29 @@ class Tokenizer:
         """Text -> ids, without special tokens."""
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_sequence(self, text: str, max_len: int, *, target: bool = False) -> list[int]:
+        """Text -> the ids of one model input of at most max_len tokens, framed as this
+        tokenizer frames a sequence: with its post-processor's special tokens (a Hugging Face
+        tokenizer's: BART's <s> ... </s>, T5's ... </s>), the text truncated first so that they
+        fit (as transformers truncates); with none (lmflax's trained tokenizers), the text's
+        first max_len - 1 tokens + the end token (EOS, else [SEP]). `target` is for tokenizers
+        with a separate target side (Marian); this one has one side."""
+        del target
+        specials = self.backend.num_special_tokens_to_add(False)
+        if specials == 0:
+            end = self.eos_id if self.eos_id is not None else self.sep_id
+            if end is None:
+                raise DataError("this tokenizer has no end token (EOS or [SEP]) to end sequences")
+            return [*self.encode(text)[: max_len - 1], end]
+        if max_len <= specials:
+            raise DataError(
+                f"a sequence of at most {max_len} tokens leaves no room for text: this "
+                f"tokenizer adds {specials} special tokens"
+            )
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        encoding.truncate(max_len - specials)
+        return self.backend.post_process(encoding).ids
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 

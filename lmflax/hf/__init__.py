@@ -1,7 +1,8 @@
 """Hugging Face interop: load and export checkpoints and tokenizers of local model directories.
 
     model, params = lmflax.hf.from_pretrained(DIR)        # BERT/RoBERTa/DistilBERT/GPT-2, no torch
-    tokenizer = lmflax.hf.load_tokenizer(DIR)             # tokenizer.json or vocab.txt (+ config)
+    tokenizer = lmflax.hf.load_tokenizer(DIR)             # tokenizer.json or vocab.txt (+ config),
+                                                          # Marian's source/target .spm + vocab.json
     batch = tokenizer(["a sentence", "another one"])      # input_ids / token_type_ids / attention_mask
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                       batch["token_type_ids"], deterministic=True)
@@ -18,7 +19,8 @@ GPT2Model, GPT2LMHeadModel, and the Llama-family decoders LlamaForCausalLM, Mist
 and Qwen2ForCausalLM (lmflax.hf.llama), and the encoder-decoder T5ForConditionalGeneration,
 v1.0 and v1.1 (lmflax.hf.t5), BartForConditionalGeneration and MarianMTModel (lmflax.hf.bart).
 `model.init_from='hf:DIR'` in a
-training config starts from a checkpoint (see `init_params`).
+training config starts from a checkpoint (see `init_params`); `seq2seq_settings(DIR)` gives an
+encoder-decoder's decoder start, forced / banned tokens and beam settings as config overrides.
 """
 
 from lmflax.config import register_model_names
@@ -39,6 +41,7 @@ from lmflax.hf.pretrained import (
     init_params,
     model_config,
     save_pretrained,
+    seq2seq_settings,
 )
 from lmflax.models import BertForSequenceClassification
 
@@ -56,4 +59,5 @@ __all__ = [
     "load_tokenizer",
     "model_config",
     "save_pretrained",
+    "seq2seq_settings",
 ]

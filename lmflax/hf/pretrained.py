@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from lmflax.config import DEFAULT_RULES, ConfigError
 from lmflax.data.hf_tokenizer import HFTokenizer
-from lmflax.data.hub import CheckpointError, is_hub_id, model_dir, read_config
+from lmflax.data.hub import CheckpointError, is_hub_id, model_dir, read_config, read_json
 from lmflax.hf import convert, files, lazy
 from lmflax.hf.convert import ARCHITECTURES, Architecture
 from lmflax.hf.files import WeightSource, find_weights, read_counter, write_json
@@ -274,6 +274,67 @@ def model_config(path: str | Path, **overrides: Any) -> ModelConfig:
     source = str(path) if is_hub_id(path) else str(Path(path).expanduser().resolve())
     overrides.setdefault("init_from", f"{HF_SCHEME}{source}")
     return dataclasses.replace(config, **overrides)
+
+
+# transformers' generation settings that lmflax's decoding does not have; reported, not applied.
+_UNSUPPORTED_GENERATION = ("min_length", "min_new_tokens", "no_repeat_ngram_size")
+
+
+def seq2seq_settings(path: str | Path) -> dict[str, Any]:
+    """The config overrides that make lmflax train and decode an encoder-decoder checkpoint as
+    transformers does, from its config.json and generation_config.json (which wins):
+    task.decoder_start_id (decoder_start_token_id), generate.forced_bos_id /
+    forced_eos_id (forced_bos_token_id / forced_eos_token_id), generate.banned_ids
+    (single-token bad_words_ids), generate.beam_size / length_penalty (+ length_penalty_form
+    'hf') / early_stopping (num_beams, length_penalty, early_stopping) and
+    generate.max_new_tokens (max_length - 1: transformers counts the decoder start). Settings
+    lmflax cannot apply (min_length, no_repeat_ngram_size) are logged. CheckpointError when the
+    directory names no decoder_start_token_id or bans token sequences."""
+    directory = model_dir(path)
+    hf = dict(read_config(directory))
+    gen_path = directory / "generation_config.json"
+    if gen_path.is_file():
+        hf.update(read_json(gen_path, "its generation settings"))
+    start = hf.get("decoder_start_token_id")
+    if not isinstance(start, int):
+        raise CheckpointError(
+            f"{directory}: no decoder_start_token_id in config.json or generation_config.json "
+            f"(got {start!r}); an encoder-decoder checkpoint names the token its decoder starts "
+            "from"
+        )
+    out: dict[str, Any] = {"task.decoder_start_id": start}
+    for key, name in (
+        ("forced_bos_token_id", "forced_bos_id"),
+        ("forced_eos_token_id", "forced_eos_id"),
+    ):
+        value = hf.get(key)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        out[f"generate.{name}"] = value if isinstance(value, int) else -1
+    bad = hf.get("bad_words_ids") or []
+    longer = [b for b in bad if not (isinstance(b, list) and len(b) == 1)]
+    if longer:
+        raise CheckpointError(
+            f"{directory}: bad_words_ids {longer} ban token sequences; lmflax bans single "
+            "tokens only"
+        )
+    out["generate.banned_ids"] = tuple(int(b[0]) for b in bad)
+    beams = hf.get("num_beams")
+    if isinstance(beams, int) and beams >= 1:
+        out["generate.beam_size"] = beams
+    if isinstance(hf.get("length_penalty"), int | float):
+        out["generate.length_penalty"] = float(hf["length_penalty"])
+        out["generate.length_penalty_form"] = "hf"
+    early = hf.get("early_stopping")
+    if early in (True, False, "never"):
+        out["generate.early_stopping"] = str(early).lower()
+        out["generate.length_penalty_form"] = "hf"
+    if isinstance(hf.get("max_length"), int) and hf["max_length"] > 1:
+        out["generate.max_new_tokens"] = hf["max_length"] - 1
+    ignored = [f"{k}={hf[k]}" for k in _UNSUPPORTED_GENERATION if hf.get(k)]
+    if ignored:
+        log.info("%s: generation settings lmflax does not apply: %s", directory, ", ".join(ignored))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,18 @@ class Seq2Seq(Task):
                 f"task.target_len ({c.task.target_len}) is longer than the model's "
                 f"{c.model.position} positions (model.max_len={c.model.max_len})"
             )
+        ids = {
+            "task.decoder_start_id": c.task.decoder_start_id,
+            "generate.forced_bos_id": c.generate.forced_bos_id,
+            "generate.forced_eos_id": c.generate.forced_eos_id,
+            **{f"generate.banned_ids[{i}]": t for i, t in enumerate(c.generate.banned_ids)},
+        }
+        outside = [f"{k}={v}" for k, v in ids.items() if v >= c.model.vocab_size]
+        if outside:
+            raise ConfigError(
+                f"token ids outside the model's vocabulary (model.vocab_size="
+                f"{c.model.vocab_size}): {', '.join(outside)}"
+            )
         return EncoderDecoder(c.model)
 
     @property
@@ -101,6 +113,7 @@ class Seq2Seq(Task):
         """Translates / summarises each source text, in batches of data.batch_size rows."""
         tok, c = self.tokenizer, self.cfg
         eos = data.end_id(tok)
+        start = data.start_id(tok, c.task.decoder_start_id)
         new_tokens = c.generate.max_new_tokens or c.task.target_len
         # Batches of data.batch_size rows (rounded up to the device count: the batch is sharded),
         # one compiled shape for every call; the last is padded with copies of a source.
@@ -116,7 +129,7 @@ class Seq2Seq(Task):
                 c.generate,
                 self.model,
                 params,
-                jnp.full((rows, 1), eos, jnp.int32),
+                jnp.full((rows, 1), start, jnp.int32),
                 max_new_tokens=new_tokens,
                 rng=jax.random.fold_in(rng, start),
                 eos_id=eos,

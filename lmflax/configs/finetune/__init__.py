@@ -2,15 +2,19 @@
 
 import dataclasses
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from lmflax import hf
-from lmflax.models import GPT, PRESETS
+from lmflax.hf import bart
+from lmflax.models import GPT, PRESETS, EncoderDecoder
 
 
 def model_and_tokenizer(arg: str | None, tiny: str, full: str, **changes: Any) -> tuple[Any, str]:
@@ -40,4 +44,29 @@ def tiny_llama_checkpoint() -> Path:
             for f in part.iterdir():
                 f.unlink()
             part.rmdir()
+    return path
+
+
+def tiny_seq2seq_checkpoint(name: str, arch: str, hf_config: dict[str, Any]) -> Path:
+    """A random encoder-decoder saved as a Hugging Face `arch` directory under the temp dir
+    (seed 0), made from the transformers config.json `hf_config` (shapes, token ids and
+    generation settings, which config.json keeps): the `:tiny` checkpoint of a seq2seq
+    fine-tuning config, so that export -> init_from -> train -> generate runs offline."""
+    kind = {"BartForConditionalGeneration": "bart", "MarianMTModel": "marian"}[arch]
+    model = bart.to_config(bart.ARCHS[kind], hf_config, (), f"{name} (tiny)")
+    digest = hashlib.sha256(repr((model, sorted(hf_config.items()))).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"lmflax-{name}-tiny-{digest}"
+    if (path / "model.safetensors").exists():
+        return path
+    ids = jnp.zeros((1, 8), jnp.int32)
+    params = EncoderDecoder(model).init(jax.random.key(0), ids, ids, deterministic=True)
+    # Written aside, then renamed: concurrent runs never see half a directory.
+    part = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=path.parent))
+    hf.save_pretrained(model, params["params"], part)
+    config = json.loads((part / "config.json").read_text())
+    (part / "config.json").write_text(json.dumps({**config, **hf_config}, indent=2) + "\n")
+    try:
+        os.rename(part, path)
+    except OSError:  # another process finished first: its directory is the same
+        shutil.rmtree(part)
     return path
