@@ -100,12 +100,18 @@ class Constraints(NamedTuple):
     decoder start). forced_eos_id: the last of max_new_tokens (`forced_eos_token_id`: a
     hypothesis cut at the length limit still ends with EOS). banned_ids: never chosen
     (`bad_words_ids` of single tokens: Marian bans its pad token, which is also its decoder
-    start). None / () = off. Hashable, so it can be a static argument of a jitted function.
+    start). min_new_tokens: EOS is not chosen before this many new tokens (`min_new_tokens`;
+    an encoder-decoder's `min_length` counts its decoder start too, so it is min_length - 1).
+    no_repeat_ngram_size n: no token that would repeat an n-gram already in the sequence (the
+    prompt, or the decoder's start tokens, and what was generated; `no_repeat_ngram_size`).
+    None / () / 0 = off. Hashable, so it can be a static argument of a jitted function.
     """
 
     forced_bos_id: int | None = None
     forced_eos_id: int | None = None
     banned_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
 
     @property
     def active(self) -> bool:
@@ -113,19 +119,55 @@ class Constraints(NamedTuple):
             self.forced_bos_id is not None
             or self.forced_eos_id is not None
             or bool(self.banned_ids)
+            or self.min_new_tokens > 0
+            or self.no_repeat_ngram_size > 0
         )
 
 
 NO_CONSTRAINTS = Constraints()
 
 
+def repeated_ngram_tokens(history: jax.Array, length: jax.Array | int, n: int, V: int) -> jax.Array:
+    """history [R, L] int32 (the first `length` positions are the sequence so far) -> [R, V]
+    bool: the tokens that would complete an n-gram already in the sequence, i.e. those that
+    followed an earlier occurrence of its last n - 1 tokens (none while length < n)."""
+    rows, size = history.shape
+    if n > size:
+        return jnp.zeros((rows, V), bool)
+    starts = jnp.arange(size - n + 1)  # j: the n-gram history[j : j + n]
+    match = starts + n - 1 < length  # ... lies wholly before the next token
+    if n > 1:
+        # The last n - 1 tokens, history[length - n + 1 : length] (left padding never matches,
+        # since a match also needs j >= 0 above).
+        padded = jnp.pad(history, ((0, 0), (n, 0)), constant_values=-1)
+        tail = jax.lax.dynamic_slice_in_dim(padded, length + 1, n - 1, axis=1)
+        windows = jnp.stack([history[:, k : size - n + 1 + k] for k in range(n - 1)], axis=-1)
+        match = match & jnp.all(windows == tail[:, None, :], axis=-1)
+    follow = history[:, n - 1 :]  # the token that completed each earlier n-gram
+    hits = (
+        jnp.zeros((rows, V), jnp.int32)
+        .at[jnp.arange(rows)[:, None], follow]
+        .max(jnp.broadcast_to(match, follow.shape).astype(jnp.int32))
+    )
+    return hits > 0
+
+
 def constrain_scores(
-    scores: jax.Array, step: jax.Array | int, max_new_tokens: int, constraints: Constraints
+    scores: jax.Array,
+    step: jax.Array | int,
+    max_new_tokens: int,
+    constraints: Constraints,
+    *,
+    eos_id: int | None = None,
+    history: jax.Array | None = None,
+    length: jax.Array | int | None = None,
 ) -> jax.Array:
     """scores [B, V] (logits or log-probabilities) of new token `step` (0-based) -> float32
-    scores with banned tokens at -inf, and at a forced step every token but the forced one at
-    -inf and the forced one at 0 (transformers' processors do exactly this, to the
-    log-probabilities in beam search and to the logits in greedy search and sampling)."""
+    scores with banned tokens at -inf (and EOS before min_new_tokens, and tokens repeating an
+    n-gram of history [B, L] whose first `length` positions are the sequence so far), and at a
+    forced step every token but the forced one at -inf and the forced one at 0 (transformers'
+    processors do exactly this, to the log-probabilities in beam search and to the logits in
+    greedy search and sampling)."""
     scores = scores.astype(jnp.float32)
     if not constraints.active:
         return scores
@@ -134,6 +176,14 @@ def constrain_scores(
     if constraints.banned_ids:
         banned = jnp.isin(vocab, jnp.asarray(constraints.banned_ids, jnp.int32))
         scores = jnp.where(banned, -jnp.inf, scores)
+    if constraints.min_new_tokens > 0 and eos_id is not None:
+        early = (vocab == eos_id) & (step < constraints.min_new_tokens)
+        scores = jnp.where(early, -jnp.inf, scores)
+    if constraints.no_repeat_ngram_size > 0:
+        if history is None or length is None:
+            raise ValueError("no_repeat_ngram_size needs the sequence so far (history, length)")
+        repeats = repeated_ngram_tokens(history, length, constraints.no_repeat_ngram_size, V)
+        scores = jnp.where(repeats, -jnp.inf, scores)
     for token, at in (
         (constraints.forced_bos_id, 0),
         (constraints.forced_eos_id, max_new_tokens - 1),
@@ -386,9 +436,11 @@ def sample_loop(
     pad_id: int = 0,
     return_logits: bool = False,
     constraints: Constraints = NO_CONSTRAINTS,
+    prefix: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Draws max_new_tokens tokens per row -> [B, N] int32 (and with return_logits the float32
-    logits [B, N, V] each token was drawn from; zeros after an early stop).
+    logits [B, N, V] each token was drawn from; zeros after an early stop). prefix [B, P]: the
+    tokens before the new ones (the prompt), which no_repeat_ngram_size also looks at.
 
     logits [B, V] predict the first token; step_fn(state, tokens [B]) -> (next logits, state).
     A row that emits eos_id is finished: the rest of it is pad_id, and the loop stops once every
@@ -404,9 +456,14 @@ def sample_loop(
         i, _, _, _, done, _ = carry
         return (i < N) & ~jnp.all(done)
 
+    before = jnp.zeros((B, 0), jnp.int32) if prefix is None else prefix.astype(jnp.int32)
+
     def body(carry: tuple) -> tuple:
         i, state, logits, out, done, seen = carry
-        logits = constrain_scores(logits, i, N, constraints)
+        history = jnp.concatenate([before, out], axis=1)
+        logits = constrain_scores(
+            logits, i, N, constraints, eos_id=eos_id, history=history, length=before.shape[1] + i
+        )
         token = sample_logits(
             logits, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k, top_p=top_p
         )
@@ -489,6 +546,7 @@ def generate(
         pad_id=pad_id,
         return_logits=return_logits,
         constraints=constraints,
+        prefix=prompt,
     )
     if return_logits:
         new, seen = new
@@ -560,8 +618,10 @@ def beam_search_loop(
     length_penalty_form: str = "gnmt",
     early_stopping: bool | str | None = None,
     constraints: Constraints = NO_CONSTRAINTS,
+    prefix: jax.Array | None = None,
 ) -> BeamOutput:
-    """Beam search over up to max_new_tokens tokens.
+    """Beam search over up to max_new_tokens tokens (prefix [B, P]: the tokens before them,
+    which no_repeat_ngram_size also looks at).
 
     logits [B, V] predict the first token given `state` (batch B); step_fn(state, tokens [B·W])
     -> (logits [B·W, V], state) advances beams (the state is tiled to B·W rows here and its rows
@@ -618,6 +678,11 @@ def beam_search_loop(
         worst = jnp.min(jnp.where(fin_flag, fin_score, NEG_INF), axis=1)
         return jnp.all(fin_flag, axis=1) & (worst >= bound)
 
+    # The tokens before the new ones, per beam (no_repeat_ngram_size looks at them too).
+    before = jnp.zeros((B * W, 0), jnp.int32)
+    if prefix is not None:
+        before = jnp.repeat(prefix.astype(jnp.int32), W, axis=0)
+
     def cond(carry: tuple) -> jax.Array:
         i, _, _, alive_logp, _, _, fin_score, fin_flag, stopped = carry
         if hf_rules:
@@ -630,7 +695,10 @@ def beam_search_loop(
     def body(carry: tuple) -> tuple:
         i, state, logits, alive_logp, alive_seq, fin_seq, fin_score, fin_flag, stopped = carry
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        logp = constrain_scores(logp, i, N, constraints).reshape(B, W, V)
+        history = jnp.concatenate([before, alive_seq.reshape(B * W, N)], axis=1)
+        logp = constrain_scores(
+            logp, i, N, constraints, eos_id=eos_id, history=history, length=before.shape[1] + i
+        ).reshape(B, W, V)
         candidates = (alive_logp[:, :, None] + logp).reshape(B, W * V)
         top_logp, top_index = jax.lax.top_k(candidates, 2 * W)  # [B, 2W]
         beam, token = top_index // V, (top_index % V).astype(jnp.int32)
@@ -746,6 +814,7 @@ def beam_search(
         length_penalty_form=length_penalty_form,
         early_stopping=early_stopping,
         constraints=constraints,
+        prefix=prompt,
     )
 
 
@@ -813,6 +882,8 @@ def constraints_of(settings: Any) -> Constraints:
         forced_bos_id=bos if bos >= 0 else None,
         forced_eos_id=eos if eos >= 0 else None,
         banned_ids=tuple(int(t) for t in getattr(settings, "banned_ids", ())),
+        min_new_tokens=int(getattr(settings, "min_new_tokens", 0)),
+        no_repeat_ngram_size=int(getattr(settings, "no_repeat_ngram_size", 0)),
     )
 
 

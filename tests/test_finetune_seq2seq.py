@@ -442,3 +442,19 @@ def test_token_ids_outside_the_vocabulary_are_config_errors():
     msg = str(e.value)
     assert "model.vocab_size=4096" in msg and "task.decoder_start_id=4096" in msg
     assert "generate.banned_ids[1]=5000" in msg and "banned_ids[0]" not in msg
+
+
+def test_min_length_and_no_repeat_ngram_settings_are_read(tmp_path):
+    """bart-large-cnn's generation_config (min_length 56 counting the decoder start,
+    no_repeat_ngram_size 3) becomes generate.min_new_tokens 55 and no_repeat_ngram_size 3;
+    min_new_tokens, when given, wins; what lmflax cannot apply is left out."""
+    from lmflax.hf import seq2seq_settings
+
+    (tmp_path / "config.json").write_text(json.dumps({"decoder_start_token_id": 2}))
+    gen = {"min_length": 56, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    got = seq2seq_settings(tmp_path)
+    assert got["generate.min_new_tokens"] == 55 and got["generate.no_repeat_ngram_size"] == 3
+    assert not any("repetition" in k for k in got)
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "min_new_tokens": 9}))
+    assert seq2seq_settings(tmp_path)["generate.min_new_tokens"] == 9

@@ -294,3 +294,65 @@ def test_forced_and_banned_tokens_equal_transformers_generate(name, beams, tiny,
         )  # fmt: skip
         got = np.asarray(out.sequences[:, 0])
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("name", "beams"), [("bart", 1), ("bart", 3), ("marian", 3)])
+def test_min_length_and_no_repeat_ngram_equal_transformers_generate(name, beams, tiny, torch):
+    """transformers' min_length (counting the decoder start) and no_repeat_ngram_size (over the
+    decoder start and the new tokens) = Constraints(min_new_tokens=min_length - 1,
+    no_repeat_ngram_size=n), greedy and beam; both change what these random models say."""
+    path, ref = tiny[name]
+    model, params = lmflax.from_pretrained(path)
+    beam = {"length_penalty": 1.0, "early_stopping": True} if beams > 1 else {}
+    free = _hf_generate(torch, ref, name, eos_token_id=None, num_beams=beams, **beam)
+    eos = int(free[0, 1])  # a token said early: min_length must hold it back
+    plain = _hf_generate(torch, ref, name, eos_token_id=eos, num_beams=beams, **beam)
+    want = _hf_generate(
+        torch, ref, name, eos_token_id=eos, num_beams=beams, min_length=4,
+        no_repeat_ngram_size=2, **beam,
+    )  # fmt: skip
+    assert not np.array_equal(want, plain), "the constraints must change the output"
+    constraints = decode.Constraints(min_new_tokens=3, no_repeat_ngram_size=2)
+    src, src_mask = _right_pad(SOURCES)
+    common = dict(
+        encoder_inputs=jnp.asarray(src),
+        encoder_mask=jnp.asarray(src_mask),
+        max_new_tokens=NEW,
+        eos_id=eos,
+        pad_id=PAD,
+        constraints=constraints,
+    )
+    start = jnp.full((len(SOURCES), 1), _start(name), jnp.int32)
+    if beams == 1:
+        out = decode.generate(
+            model, params, start, rng=jax.random.key(0), temperature=0.0, **common
+        )
+        got = np.asarray(out)[:, 1:]
+    else:
+        out = decode.beam_search(
+            model, params, start, beam_size=beams, length_penalty=1.0,
+            length_penalty_form="hf", early_stopping=True, **common,
+        )  # fmt: skip
+        got = np.asarray(out.sequences[:, 0])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_repeated_ngram_tokens_against_a_loop():
+    """repeated_ngram_tokens = the n-grams written out in Python (as the processor's docs
+    define them), on random short histories with repeats, every length and n."""
+    rng = np.random.default_rng(0)
+    V_ = 5
+    hist = rng.integers(0, 3, size=(4, 9)).astype(np.int32)
+    for n in (1, 2, 3):
+        for length in range(hist.shape[1] + 1):
+            got = np.asarray(decode.repeated_ngram_tokens(jnp.asarray(hist), length, n, V_))
+            want = np.zeros((4, V_), bool)
+            for r in range(4):
+                seq = hist[r, :length].tolist()
+                if len(seq) + 1 < n:
+                    continue
+                tail = tuple(seq[len(seq) - n + 1 :]) if n > 1 else ()
+                for j in range(len(seq) - n + 1):
+                    if tuple(seq[j : j + n - 1]) == tail:
+                        want[r, seq[j + n - 1]] = True
+            np.testing.assert_array_equal(got, want, err_msg=f"n={n} length={length}")

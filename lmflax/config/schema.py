@@ -150,7 +150,10 @@ class GenerateConfig:
     forced_bos_id / forced_eos_id: the token the first / last (max_new_tokens-th) new token must
     be, -1 = none; banned_ids: tokens never generated (transformers' forced_bos_token_id,
     forced_eos_token_id and single-token bad_words_ids: BART forces <s> then </s>, Marian bans
-    its pad token).
+    its pad token). min_new_tokens: no EOS before this many new tokens; no_repeat_ngram_size n:
+    no n-gram generated twice (with the prompt / decoder start counted), 0 = off
+    (transformers' min_new_tokens, or an encoder-decoder's min_length - 1, and
+    no_repeat_ngram_size: bart-large-cnn sets min_length 56 and no_repeat_ngram_size 3).
     """
 
     beam_size: int = 1
@@ -166,6 +169,8 @@ class GenerateConfig:
     forced_bos_id: int = -1
     forced_eos_id: int = -1
     banned_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
 
     def validate(self) -> list[str]:
         """The problems of this section as messages (empty = valid)."""
@@ -181,7 +186,7 @@ class GenerateConfig:
             errs.append(f"generate.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             errs.append(f"generate.top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        for name in ("max_new_tokens", "eval_examples"):
+        for name in ("max_new_tokens", "eval_examples", "min_new_tokens", "no_repeat_ngram_size"):
             if getattr(self, name) < 0:
                 errs.append(f"generate.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("forced_bos_id", "forced_eos_id"):

@@ -277,7 +277,7 @@ def model_config(path: str | Path, **overrides: Any) -> ModelConfig:
 
 
 # transformers' generation settings that lmflax's decoding does not have; reported, not applied.
-_UNSUPPORTED_GENERATION = ("min_length", "min_new_tokens", "no_repeat_ngram_size")
+_UNSUPPORTED_GENERATION = ("repetition_penalty", "encoder_no_repeat_ngram_size")
 
 
 def seq2seq_settings(path: str | Path) -> dict[str, Any]:
@@ -287,9 +287,11 @@ def seq2seq_settings(path: str | Path) -> dict[str, Any]:
     forced_eos_id (forced_bos_token_id / forced_eos_token_id), generate.banned_ids
     (single-token bad_words_ids), generate.beam_size / length_penalty (+ length_penalty_form
     'hf') / early_stopping (num_beams, length_penalty, early_stopping) and
-    generate.max_new_tokens (max_length - 1: transformers counts the decoder start). Settings
-    lmflax cannot apply (min_length, no_repeat_ngram_size) are logged. CheckpointError when the
-    directory names no decoder_start_token_id or bans token sequences."""
+    generate.max_new_tokens (max_length - 1: transformers counts the decoder start),
+    generate.min_new_tokens (min_new_tokens, or min_length - 1) and no_repeat_ngram_size.
+    Settings lmflax cannot apply (repetition_penalty, encoder_no_repeat_ngram_size) are
+    logged. CheckpointError when the directory names no decoder_start_token_id or bans token
+    sequences."""
     directory = model_dir(path)
     hf = dict(read_config(directory))
     gen_path = directory / "generation_config.json"
@@ -331,7 +333,15 @@ def seq2seq_settings(path: str | Path) -> dict[str, Any]:
         out["generate.length_penalty_form"] = "hf"
     if isinstance(hf.get("max_length"), int) and hf["max_length"] > 1:
         out["generate.max_new_tokens"] = hf["max_length"] - 1
-    ignored = [f"{k}={hf[k]}" for k in _UNSUPPORTED_GENERATION if hf.get(k)]
+    minimum = hf.get("min_new_tokens")
+    if not isinstance(minimum, int) and isinstance(hf.get("min_length"), int):
+        minimum = hf["min_length"] - 1  # min_length counts the decoder start token
+    if isinstance(minimum, int) and minimum > 0:
+        out["generate.min_new_tokens"] = minimum
+    ngram = hf.get("no_repeat_ngram_size")
+    if isinstance(ngram, int) and ngram > 0:
+        out["generate.no_repeat_ngram_size"] = ngram
+    ignored = [f"{k}={hf[k]}" for k in _UNSUPPORTED_GENERATION if hf.get(k) not in (None, 0, 1.0)]
     if ignored:
         log.info("%s: generation settings lmflax does not apply: %s", directory, ", ".join(ignored))
     return out
