@@ -19,14 +19,17 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from lmflax import storage
 from lmflax.data.pipeline import state_from_json
+
+Path = epath.Path  # every path here may be a URL (gs://): epath, never pathlib
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +43,23 @@ class CheckpointIntegrityError(RuntimeError):
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+def _files(step_dir: Path, prefix: str = "") -> list[tuple[str, Path]]:
+    """(path relative to step_dir, with '/', and the path) of every file but the checksums,
+    sorted; listed with epath (iterdir), which works the same on local disks and buckets."""
+    found = []
+    for item in step_dir.iterdir():
+        rel = prefix + item.name
+        if item.is_dir():
+            found.extend(_files(item, rel + "/"))
+        elif rel != CHECKSUMS:
+            found.append((rel, item))
+    return sorted(found)
 
 
 # orbax's step metadata: orbax adds its commit time to it in the rename step, after the sums are
@@ -60,7 +72,7 @@ def _fingerprint(path: Path) -> tuple[int, str]:
     """(size, SHA-256) of a file; (-1, SHA-256 of canonical JSON without the commit time) for
     orbax's step metadata (-1 if that file is not valid JSON: it then differs from any record)."""
     if path.name != _STEP_METADATA:
-        return path.stat().st_size, _sha256(path)
+        return path.stat().length, _sha256(path)
     try:
         meta = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -71,14 +83,10 @@ def _fingerprint(path: Path) -> tuple[int, str]:
 
 
 def record_checksums(step_dir: Path) -> None:
-    """Writes {relative path: [size, sha256]} for every file of a checkpoint being committed."""
-    sums = {str(p.relative_to(step_dir)): list(_fingerprint(p)) for p in _files(step_dir)}
-    tmp = step_dir / (CHECKSUMS + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(sums, indent=1, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(step_dir / CHECKSUMS)
+    """Writes {relative path: [size, sha256]} for every file of a checkpoint being committed.
+    Runs on one process (process 0, in orbax's commit step): the files are shared storage."""
+    sums = {rel: list(_fingerprint(p)) for rel, p in _files(step_dir)}
+    storage.replace_atomically(step_dir / CHECKSUMS, json.dumps(sums, indent=1, sort_keys=True))
 
 
 def _read_checksums(step_dir: Path) -> dict[str, tuple[int, str]]:
@@ -97,14 +105,13 @@ def _read_checksums(step_dir: Path) -> dict[str, tuple[int, str]]:
     out: dict[str, tuple[int, str]] = {}
     if not isinstance(sums, dict):
         raise CheckpointIntegrityError(f"{path} holds a {type(sums).__name__}, not a JSON object")
-    root = step_dir.resolve()
     for rel, entry in sums.items():
         ok = (
             isinstance(entry, list)
             and len(entry) == 2
             and isinstance(entry[0], int)
             and isinstance(entry[1], str)
-            and (step_dir / rel).resolve().is_relative_to(root)
+            and storage.is_inside(step_dir, rel)
         )
         if not ok:
             raise CheckpointIntegrityError(
@@ -125,8 +132,8 @@ def verify_checksums(step_dir: Path) -> bool:
         f = step_dir / rel
         if not f.is_file():
             raise CheckpointIntegrityError(f"{f} is missing")
-        if size >= 0 and f.stat().st_size != size:
-            raise CheckpointIntegrityError(f"{f} is {f.stat().st_size} bytes, {size} when saved")
+        if size >= 0 and f.stat().length != size:
+            raise CheckpointIntegrityError(f"{f} is {f.stat().length} bytes, {size} when saved")
         if _fingerprint(f)[1] != digest:
             raise CheckpointIntegrityError(f"{f} does not match its SHA-256 recorded when saved")
     return True
@@ -201,7 +208,7 @@ class Checkpointer:
         verify: bool = True,
         read_only: bool = False,
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = storage.absolute(storage.to_path(directory))
         self.verify = verify
         self.read_only = read_only
         self._saving: int | None = None  # the step whose save is in flight
@@ -403,6 +410,7 @@ class DataStateError(ValueError):
 
 
 def _shard_file(directory: Path, shard: int, num_shards: int) -> Path | None:
+    directory = Path(directory)
     for name in (f"shard_{shard}-of-{num_shards}.json", f"process_{shard}-of-{num_shards}.json"):
         # process_I-of-N.json: written by grain's handler before data shards existed; process I
         # of N read exactly what shard I of N reads now.
