@@ -13,6 +13,7 @@ import re
 import time
 from unittest import mock
 
+import numpy as np
 import pytest
 from etils import epath
 from etils.epath import backend, gpath
@@ -235,3 +236,34 @@ def test_local_staging_copies_a_folder_to_a_bucket(bucket):
         (local / "sub" / "w.bin").write_bytes(b"\x00\x01")
     assert (target / "config.json").read_text() == "{}"
     assert (target / "sub" / "w.bin").read_bytes() == b"\x00\x01"
+
+
+def test_checksums_are_hashed_on_process_0_only_and_its_verdict_shared(tmp_path, monkeypatch):
+    step_dir = storage.to_path(tmp_path / "5")
+    _checkpoint_files(step_dir)
+    checkpoint.record_checksums(step_dir)
+    hashed, sent = [], []
+    real_sha = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda p: hashed.append(p) or real_sha(p))
+    monkeypatch.setattr(checkpoint.jax, "process_count", lambda: 2)
+    verdict_of_0 = np.int32(1)
+
+    def broadcast(x):  # what process 0 sends; the value each process passes is recorded
+        sent.append(int(x))
+        return verdict_of_0 if checkpoint.jax.process_index() else x
+
+    monkeypatch.setattr(checkpoint.multihost_utils, "broadcast_one_to_all", broadcast)
+    monkeypatch.setattr(checkpoint.jax, "process_index", lambda: 1)
+    checkpoint.verify_on_one_process(step_dir)
+    assert hashed == []  # process 1 read nothing
+    verdict_of_0 = np.int32(0)
+    with pytest.raises(checkpoint.CheckpointIntegrityError, match="on process 0"):
+        checkpoint.verify_on_one_process(step_dir)
+    assert hashed == []
+    monkeypatch.setattr(checkpoint.jax, "process_index", lambda: 0)
+    checkpoint.verify_on_one_process(step_dir)
+    assert len(hashed) == 2 and sent[-1] == 1
+    (step_dir / "meta" / "metadata").write_text('{"step": 6}')
+    with pytest.raises(checkpoint.CheckpointIntegrityError, match="metadata does not match"):
+        checkpoint.verify_on_one_process(step_dir)
+    assert sent[-1] == 0  # process 0 tells the others

@@ -23,8 +23,10 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from lmflax import storage
 from lmflax.data.pipeline import state_from_json
@@ -137,6 +139,25 @@ def verify_checksums(step_dir: Path) -> bool:
         if _fingerprint(f)[1] != digest:
             raise CheckpointIntegrityError(f"{f} does not match its SHA-256 recorded when saved")
     return True
+
+
+def verify_on_one_process(step_dir: Path) -> None:
+    """`verify_checksums` on process 0 only (the files are on storage every host shares, so
+    hashing them on every host would read the checkpoint once per host); every process gets
+    its verdict and raises the same CheckpointIntegrityError (the others say to look at
+    process 0's log for the file)."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            verify_checksums(step_dir)
+        except CheckpointIntegrityError as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = f"{step_dir} failed verification on process 0 (its log names the file)"
+    if error is not None:
+        raise CheckpointIntegrityError(error)
 
 
 class _QuietOrbaxFailures(logging.Filter):
@@ -370,7 +391,7 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = self.directory / str(step)
             try:
-                verify_checksums(step_dir)
+                verify_on_one_process(step_dir)
             except CheckpointIntegrityError as e:
                 aside = self._move_aside(step)
                 log.error("checkpoint step %d is damaged (%s); moved to %s", step, e, aside)

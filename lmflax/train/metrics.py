@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -75,7 +76,7 @@ class WandbWriter:
         import wandb  # deferred: only when train.writers names wandb
 
         id_file = workdir / WANDB_ID
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(8)
         if not id_file.exists():
             id_file.write_text(run_id)
         saved = workdir / "config.json"

@@ -21,7 +21,7 @@ from lmflax.core.state import TrainState
 from lmflax.hf import adapters, save_pretrained
 from lmflax.hf.pretrained import parse_init_from
 from lmflax.tasks import Task
-from lmflax.train.checkpoint import Checkpointer, CheckpointIntegrityError, verify_checksums
+from lmflax.train.checkpoint import Checkpointer, CheckpointIntegrityError, verify_on_one_process
 from lmflax.train.checks import resolve
 from lmflax.train.trainer import Trainer
 
@@ -186,7 +186,7 @@ def _verify(directory: epath.Path, step: int, steps: list[int], verify: bool) ->
         log.warning("train.verify_checkpoints=false: opening checkpoint step %d unverified", step)
         return
     try:
-        verify_checksums(directory / str(step))
+        verify_on_one_process(directory / str(step))
     except CheckpointIntegrityError as e:
         others = [s for s in steps if s != step]
         raise CheckpointIntegrityError(
