@@ -284,3 +284,34 @@ def test_the_clu_writer_adapts_clus_default_writer(tmp_path, monkeypatch):
     assert ("write_scalars", (4, {"loss": 1.25}), {}) in calls
     assert ("write_texts", (4, {"sample": "x"}), {}) in calls
     assert [c[0] for c in calls][-1] == "close"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_tqdm_draws_the_bar_and_its_eta_leaves_out_compile_time(monkeypatch):
+    tqdm_std = pytest.importorskip("tqdm.std")
+    now = [0.0]
+    monkeypatch.setattr(tqdm_std, "time", lambda: now[0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    out = _Terminal()
+    p = Progress(total=12, start=0, stream=out)  # made before the first step compiles
+    for step, t in [(1, 100.0), (2, 101.0), (3, 102.0)]:  # 100 s compile, then 1 s a step
+        now[0] = t
+        p.update(step, 5.0 - step, 2000.0)
+    last = out.getvalue().split("\r")[-1]
+    assert "3/12" in last and "loss=2.0000" in last and "tok/s=2.0k" in last
+    assert "<00:09" in last  # 9 steps left at 1 s each (not 102 s / 3 steps)
+    p.close()
+    assert out.getvalue().endswith("\n")
+
+
+def test_off_a_terminal_the_plain_line_is_used_even_with_tqdm(monkeypatch):
+    pytest.importorskip("tqdm")
+    out = io.StringIO()
+    p = Progress(total=4, start=0, stream=out)
+    p.update(2, 1.5, 1000.0)
+    p.close()
+    assert out.getvalue().startswith("████████████") and "step 2/4" in out.getvalue()

@@ -375,20 +375,48 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (where tqdm.auto draws a widget)."""
+    ipython = sys.modules.get("IPython")  # never imported here: a notebook has it loaded
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def _tqdm_class() -> Any | None:
+    """tqdm.auto's bar class, or None when tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm  # deferred: optional, and only for a terminal or notebook
+    except ImportError:
+        return None
+    return tqdm
+
+
 class Progress:
-    """A one-line progress bar: step, loss, tokens/s, ETA. Redrawn in place on a terminal;
-    printed as a plain line per update otherwise (logs, CI, notebooks). The ETA is measured
-    from the first update on, so the first steps' compilation does not inflate it ('?' until
-    the second update)."""
+    """Progress: step, loss, tokens/s, ETA. Through `tqdm.auto` (a widget in notebooks) when
+    tqdm is installed and the stream is a terminal or this is a notebook; otherwise a
+    hand-drawn line, redrawn in place on a terminal and printed as a plain line per update
+    elsewhere (logs, CI). Either way the ETA is measured from the first update on, so the first
+    steps' compilation does not inflate it ('?' until the second update): the tqdm bar is
+    started at the first update, at that step."""
 
     def __init__(
-        self, total: int, start: int, *, enabled: bool = True, stream: TextIO | None = None
+        self,
+        total: int,
+        start: int,
+        *,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        use_tqdm: bool | None = None,
     ):
         self.total, self.start = total, start
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self._first: tuple[int, float] | None = None  # (step, time) of the first update
+        if use_tqdm is None:
+            use_tqdm = self.tty or _in_notebook()
+        self._tqdm = _tqdm_class() if use_tqdm and enabled else None
+        self._bar: Any = None
 
     def eta(self, step: int, now: float) -> float:
         """Seconds left at `step` (nan before there are two updates to measure between)."""
@@ -399,6 +427,9 @@ class Progress:
 
     def update(self, step: int, loss: float, tokens_per_sec: float) -> None:
         if not self.enabled:
+            return
+        if self._tqdm is not None:
+            self._update_tqdm(step, loss, tokens_per_sec)
             return
         now = time.perf_counter()
         eta = self.eta(step, now)
@@ -417,7 +448,28 @@ class Progress:
             self.stream.write(line + "\n")
         self.stream.flush()
 
+    def _update_tqdm(self, step: int, loss: float, tokens_per_sec: float) -> None:
+        postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_sec / 1e3:.1f}k"}
+        if self._bar is None:
+            # Started here, at the first logged step, so its rate (and ETA) never includes
+            # the compilation before it.
+            self._bar = self._tqdm(
+                total=self.total,
+                initial=step,
+                file=self.stream,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=0,
+                postfix=postfix,
+            )
+            return
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(step - self._bar.n)
+
     def close(self) -> None:
-        if self.enabled and self.tty:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.enabled and self.tty and self._tqdm is None:
             self.stream.write("\n")
             self.stream.flush()
