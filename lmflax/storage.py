@@ -109,6 +109,17 @@ def absolute(path: epath.Path) -> epath.Path:
     return epath.Path(os.path.abspath(os.fspath(path))) if is_local(path) else path
 
 
+def file_size(path: epath.Path) -> int:
+    """Bytes in the file at `path`. Locally os.stat: epath's stat also looks the owner up in
+    the password database, which fails for a uid it lacks (containers, NFS)."""
+    return os.stat(path).st_size if is_local(path) else path.stat().length
+
+
+def mtime(path: epath.Path) -> float:
+    """When the file at `path` was last written, by its file system's (or bucket's) clock."""
+    return os.stat(path).st_mtime if is_local(path) else float(path.stat().mtime)
+
+
 def is_inside(root: epath.Path, rel: str) -> bool:
     """Whether the relative path `rel` (from a file the run wrote) stays inside `root`: no
     absolute path, no '..', and locally no symlink out of it."""

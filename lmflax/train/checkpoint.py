@@ -74,7 +74,7 @@ def _fingerprint(path: Path) -> tuple[int, str]:
     """(size, SHA-256) of a file; (-1, SHA-256 of canonical JSON without the commit time) for
     orbax's step metadata (-1 if that file is not valid JSON: it then differs from any record)."""
     if path.name != _STEP_METADATA:
-        return path.stat().length, _sha256(path)
+        return storage.file_size(path), _sha256(path)
     try:
         meta = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -134,8 +134,10 @@ def verify_checksums(step_dir: Path) -> bool:
         f = step_dir / rel
         if not f.is_file():
             raise CheckpointIntegrityError(f"{f} is missing")
-        if size >= 0 and f.stat().length != size:
-            raise CheckpointIntegrityError(f"{f} is {f.stat().length} bytes, {size} when saved")
+        if size >= 0 and storage.file_size(f) != size:
+            raise CheckpointIntegrityError(
+                f"{f} is {storage.file_size(f)} bytes, {size} when saved"
+            )
         if _fingerprint(f)[1] != digest:
             raise CheckpointIntegrityError(f"{f} does not match its SHA-256 recorded when saved")
     return True

@@ -152,7 +152,7 @@ class WorkdirLock:
         probe = self.workdir / f".lmflax.lock.clock-{socket.gethostname()}-{os.getpid()}"
         probe.write_text("")
         try:
-            return probe.stat().mtime
+            return storage.mtime(probe)
         finally:
             probe.unlink()
 
@@ -163,7 +163,7 @@ class WorkdirLock:
                 return f"its process {holder['pid']} on this host is gone"
             return None
         try:
-            age = self._fs_now() - self.path.stat().mtime
+            age = self._fs_now() - storage.mtime(self.path)
         except FileNotFoundError:
             return "it was just released"
         if age > STALE_AFTER_S:
@@ -201,7 +201,7 @@ class WorkdirLock:
         marker = self.path.with_name(LOCK + ".takeover")
         if not self._create(marker, self._me()):
             try:
-                if self._fs_now() - marker.stat().mtime > _TAKEOVER_STALE_S:
+                if self._fs_now() - storage.mtime(marker) > _TAKEOVER_STALE_S:
                     marker.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
