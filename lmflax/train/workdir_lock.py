@@ -16,9 +16,10 @@ both take it.
 On an object store (a gs:// workdir) there is no O_EXCL and no utime: the lock is advisory. A run
 refuses a lock another live run holds (judged as above: same host and pid alive, or refreshed
 within `STALE_AFTER_S` by the store's clock), writes its own record, waits `SETTLE_S` and reads
-it back; it holds the lock only if the record is still its own. Two runs that start within
-`SETTLE_S` of each other could both pass, which is why it is advisory; the heartbeat rewrites the
-record (that moves its mtime), and a heartbeat that finds another run's record stops that run.
+it back; it holds the lock only if the record is still its own (of two writes the later wins).
+Both pass only if one run's existence check and write are over `SETTLE_S` apart, which is why it
+is advisory; the heartbeat rewrites the record (that moves its mtime), and a heartbeat that finds
+another run's record marks the lock lost, which stops the run at its next log step.
 """
 
 from __future__ import annotations
