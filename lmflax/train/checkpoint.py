@@ -84,9 +84,10 @@ def _fingerprint(path: Path) -> tuple[int, str]:
     return -1, hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
-def record_checksums(step_dir: Path) -> None:
+def record_checksums(step_dir: str | os.PathLike) -> None:
     """Writes {relative path: [size, sha256]} for every file of a checkpoint being committed.
     Runs on one process (process 0, in orbax's commit step): the files are shared storage."""
+    step_dir = storage.to_path(step_dir)
     sums = {rel: list(_fingerprint(p)) for rel, p in _files(step_dir)}
     storage.replace_atomically(step_dir / CHECKSUMS, json.dumps(sums, indent=1, sort_keys=True))
 
@@ -126,10 +127,11 @@ def _read_checksums(step_dir: Path) -> dict[str, tuple[int, str]]:
     return out
 
 
-def verify_checksums(step_dir: Path) -> bool:
+def verify_checksums(step_dir: str | os.PathLike) -> bool:
     """True if every recorded file is present with its size and SHA-256. Raises
     CheckpointIntegrityError naming the first file that differs, or the checksum file itself when
     it is missing or damaged."""
+    step_dir = storage.to_path(step_dir)
     for rel, (size, digest) in sorted(_read_checksums(step_dir).items()):
         f = step_dir / rel
         if not f.is_file():
@@ -143,11 +145,12 @@ def verify_checksums(step_dir: Path) -> bool:
     return True
 
 
-def verify_on_one_process(step_dir: Path) -> None:
+def verify_on_one_process(step_dir: str | os.PathLike) -> None:
     """`verify_checksums` on process 0 only (the files are on storage every host shares, so
     hashing them on every host would read the checkpoint once per host); every process gets
     its verdict and raises the same CheckpointIntegrityError (the others say to look at
     process 0's log for the file)."""
+    step_dir = storage.to_path(step_dir)
     error = None
     if jax.process_index() == 0:
         try:
