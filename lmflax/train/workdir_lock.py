@@ -230,7 +230,7 @@ class WorkdirLock:
                         os.utime(self.path)
                         continue
                     holder = self._read()
-                    if holder is not None and holder.get("token") != self._token:
+                    if holder and holder.get("token") != self._token:
                         self.lost = f"the lock was taken by another run ({_holder_text(holder)})"
                         log.error("workdir %s: %s", self.workdir, self.lost)
                         return
