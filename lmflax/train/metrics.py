@@ -134,11 +134,10 @@ class CluWriter:
 
 # name -> (factory, the module it imports, what to pip install when that import fails)
 _OPTIONAL: dict[str, tuple[Callable[[epath.Path], Writer], str, str]] = {
-    "tensorboard": (TensorBoardWriter, "tensorboardX", "tensorboardX"),
     "wandb": (WandbWriter, "wandb", "wandb"),
     "clu": (CluWriter, "clu.metric_writers", "clu tensorflow"),
 }
-BUILTIN_WRITERS = ("jsonl", *_OPTIONAL)
+BUILTIN_WRITERS = ("jsonl", "tensorboard", *_OPTIONAL)  # tensorboardX is a dependency
 PLUGIN_PREFIX = "python:"
 
 
@@ -163,7 +162,7 @@ def _missing(name: str) -> str | None:
 
 def plugin_problems(spec: str) -> list[str]:
     """The problems of `train.writers` that need imports: a 'python:MODULE:CALLABLE' entry that
-    does not resolve, an optional writer (wandb, clu, tensorboard) whose package is missing.
+    does not resolve, an optional writer (wandb, clu) whose package is missing.
     The names themselves are checked with the rest of the config."""
     errs = []
     for name in writer_names(spec):
