@@ -13,7 +13,7 @@ PACKAGE = ROOT / "lmflax"
 
 # Bottom to top. A module belongs to the layer of the longest prefix that names it.
 LAYERS: list[tuple[str, ...]] = [
-    ("lmflax.config",),
+    ("lmflax.config", "lmflax.storage"),
     ("lmflax.nn", "lmflax.parallel"),
     ("lmflax.models", "lmflax.decode", "lmflax.evaluate", "lmflax.vectors", "lmflax.viz"),
     ("lmflax.data",),

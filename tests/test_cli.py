@@ -3,6 +3,7 @@ the console script is declared, and a run checks its config once."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -144,12 +145,24 @@ def test_a_config_is_resolved_once_per_run(tmp_path, monkeypatch, capsys):
     assert len(calls) == 1
 
 
+URLS_REFUSED = [
+    ("s3://bucket/run", "mount"),  # orbax/tensorstore write only local paths and gs://
+    ("gcs://bucket/run", "does not know"),  # a typo'd scheme
+    ("file://otherhost/run", "local path"),
+]
+if importlib.util.find_spec("gcsfs") is None and importlib.util.find_spec("tensorflow") is None:
+    URLS_REFUSED.append(("gs://bucket/run", "pip install gcsfs"))
+
+
 @pytest.mark.parametrize("command", ["train", "eval", "generate", "config show"])
-def test_a_url_workdir_is_refused_not_made_a_local_folder(command, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("url", "why"), URLS_REFUSED)
+def test_a_url_workdir_lmflax_cannot_write_is_refused_not_made_a_local_folder(
+    command, url, why, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        cli.main([*command.split(), "--workdir=gs://bucket/run"])
+        cli.main([*command.split(), f"--workdir={url}"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "gs://bucket/run" in err and "mount" in err
-    assert list(tmp_path.iterdir()) == []  # no folder named 'gs:'
+    assert url in err and why in err
+    assert list(tmp_path.iterdir()) == []  # no folder named 's3:'

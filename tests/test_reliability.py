@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lmflax.config import load_config_file, override
+from lmflax.train import Run
 from lmflax.train.checkpoint import (
     CHECKSUMS,
     Checkpointer,
@@ -301,19 +302,26 @@ def straight_run(data_dir, tmp_path_factory) -> Path:
 
 
 def test_kill_after_checkpoint_resumes_bit_identical(straight_run, data_dir, tmp_path):
-    """40 straight vs 20 + kill -9 + the rest: identical losses and bit-identical parameters."""
-    proc = _popen([f"--workdir={tmp_path}", *RESUME], data_dir)
+    """40 straight vs 20 + kill -9 + the rest: identical losses and bit-identical parameters.
+    The workdir is given as a file:// URL (parsed by lmflax.storage; the straight run and the
+    other tests here use a plain path), and `Run.open` reads the run back from the URL."""
+    workdir = f"file://{tmp_path}"
+    proc = _popen([f"--workdir={workdir}", *RESUME], data_dir)
     _wait_for(lambda: (tmp_path / "checkpoints" / "20").is_dir(), proc, "checkpoint 20")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert 20 <= max(_losses(tmp_path)) < 40, (
         "the run ended before it was killed; nothing was tested"
     )
-    resumed = run_train([f"--workdir={tmp_path}", *RESUME], data_dir)
+    resumed = run_train([f"--workdir={workdir}", *RESUME], data_dir)
     assert "resumed from" in resumed.stderr and "at step 20" in resumed.stderr
     assert _losses(tmp_path) == _losses(straight_run)
     a, b = _params(tmp_path / "checkpoints" / "40"), _params(straight_run / "checkpoints" / "40")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    run = Run.open(workdir, local_devices=True)
+    assert run.step == 40
+    for x, y in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(b)):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 

@@ -82,18 +82,19 @@ def test_the_holder_refreshes_its_lock(tmp_path):
         old = time.time() - 1000
         os.utime(lock.path, (old, old))
         time.sleep(0.5)
-        assert time.time() - lock.path.stat().st_mtime < 100
+        assert time.time() - os.stat(lock.path).st_mtime < 100
     finally:
         lock.release()
 
 
 _CONTENDER = """
-import importlib.util, sys, time
+import importlib.util, os, sys, time
 from pathlib import Path
 spec = importlib.util.spec_from_file_location("wl", sys.argv[1])
 wl = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(wl)
 go = Path(sys.argv[3])
+Path(sys.argv[3] + "." + str(os.getpid())).write_text("")  # imported: ready
 while not go.exists():
     time.sleep(0.001)
 lock = wl.WorkdirLock(sys.argv[2])
@@ -122,7 +123,11 @@ def test_of_many_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path):
         )
         for _ in range(8)
     ]
-    time.sleep(0.5)
+    # Every contender has imported the module (which imports jax and orbax through lmflax.train)
+    # before any starts, so they really race.
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("go.*"))) < len(procs) and time.time() < deadline:
+        time.sleep(0.05)
     go.write_text("")
     results = [p.communicate(timeout=60) for p in procs]
     outs = [out.strip() for out, _ in results]

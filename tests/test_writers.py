@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -145,3 +148,170 @@ def test_a_training_run_feeds_a_plugged_in_writer(data_dir, tmp_path, plugin, mo
     assert any("texts" in r and "sample" in r["texts"] for r in got)
     assert got[-1] == {"closed": True}
     assert not (workdir / "tensorboard").exists()
+
+
+def _wandb_records(run_file: Path) -> list:
+    """The records of a W&B offline run file: W&B's LevelDB-style log (a 7-byte file header,
+    32 KiB blocks, each record a 7-byte header of crc, length, kind: 1 whole, 2-4 first/middle/
+    last piece) of `wandb_internal_pb2.Record` protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos = run_file.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B"
+    pieces, records = b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or (kind == 0 and length == 0):
+            pos += left  # the block's zero padding
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pieces = chunk if kind in (1, 2) else pieces + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            records.append(record)
+    return records
+
+
+def _wandb_records_when_finished(run_file: Path, timeout: float = 60) -> list:
+    """The records, once W&B's service has written the run's last ('exit') record: finish()
+    returns before its background process has flushed the file."""
+    deadline = time.time() + timeout
+    while True:
+        records = _wandb_records(run_file)
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.time() < deadline, f"{run_file} has no exit record after {timeout} s"
+        time.sleep(0.1)
+
+
+def _wandb_history(run_file: Path) -> list[dict]:
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in _wandb_records_when_finished(run_file)
+        if r.WhichOneof("record_type") == "history"
+    ]
+
+
+def test_wandb_gets_the_scalars_and_texts_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_PROJECT", "lmflax-test")
+    cfg, _ = config_lib.load_config_file("gpt_tiny")
+    (tmp_path / "config.json").write_text(config_lib.to_json(cfg))
+    w = MetricWriter(tmp_path, writers="jsonl,wandb")
+    w.write(1, {"loss": 2.5, "skipped": 0, "bad": float("nan")})
+    w.write(2, {"loss": 2.0})
+    w.write_text(2, "sample", "def <f>")
+    w.close()
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    (first,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert first.name == f"run-{run_id}.wandb"
+    records = _wandb_records_when_finished(first)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    run = records[kinds.index("run")].run
+    assert (run.run_id, run.project, run.display_name) == (run_id, "lmflax-test", tmp_path.name)
+    config_keys = {i.key for i in run.config.update}
+    assert {"model", "train", "data"} <= config_keys  # the workdir's config.json
+    history = _wandb_history(first)
+    assert [(h["_step"], h["loss"]) for h in history] == [(1, 2.5), (2, 2.0)]
+    assert history[0]["skipped"] == 0 and "bad" not in history[0]  # non-finite: jsonl only
+    assert history[1]["sample/_type"] == "html-file"
+    (page,) = first.parent.glob("files/media/html/sample_*.html")
+    assert "def &lt;f&gt;" in page.read_text()
+    # A resumed run: the same W&B run id, the steps after the checkpoint logged there.
+    w = MetricWriter(tmp_path, writers="jsonl,wandb")
+    w.write(3, {"loss": 1.5})
+    w.close()
+    files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    second = next(f for f in files if f != first)
+    assert [(h["_step"], h["loss"]) for h in _wandb_history(second)] == [(3, 1.5)]
+
+
+def _no_module(monkeypatch, name: str) -> None:
+    real = metrics.importlib.import_module
+
+    def fake(module, *args):
+        if module == name or module.startswith(name + "."):
+            raise ImportError(f"No module named {name!r}")
+        return real(module, *args)
+
+    monkeypatch.setattr(metrics.importlib, "import_module", fake)
+
+
+@pytest.mark.parametrize(
+    ("writer", "module", "package"),
+    [("wandb", "wandb", "pip install wandb"), ("clu", "clu", "pip install clu tensorflow")],
+)
+def test_an_optional_writer_that_is_not_installed_is_a_config_error_naming_it(
+    writer, module, package, monkeypatch, tmp_path
+):
+    _no_module(monkeypatch, module)
+    base = config_lib.load_config_file("gpt_tiny")[0]
+    cfg = config_lib.apply_overrides(base, [f"train.writers=jsonl,{writer}"])
+    with pytest.raises(ConfigError, match=package):
+        resolve(cfg)
+    with pytest.raises(ConfigError, match=package):
+        MetricWriter(tmp_path, writers=f"jsonl,{writer}")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_clu_writer_adapts_clus_default_writer(tmp_path, monkeypatch):
+    """clu.metric_writers imports TensorFlow, which is not installed here: a stand-in module
+    records what the adapter passes to `create_default_writer` and its writer (the real clu is
+    not exercised)."""
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return lambda *a, **k: calls.append((name, a, k))
+
+    fake = types.ModuleType("clu.metric_writers")
+    fake.create_default_writer = lambda logdir, **k: (
+        calls.append(("create", logdir, k)) or (Recorder())
+    )
+    monkeypatch.setitem(sys.modules, "clu", types.ModuleType("clu"))
+    monkeypatch.setitem(sys.modules, "clu.metric_writers", fake)
+    w = MetricWriter(tmp_path, writers="jsonl,clu")
+    w.write(4, {"loss": 1.25, "bad": float("inf")})
+    w.write_text(4, "sample", "x")
+    w.close()
+    assert calls[0] == ("create", str(tmp_path / "clu"), {"asynchronous": False})
+    assert ("write_scalars", (4, {"loss": 1.25}), {}) in calls
+    assert ("write_texts", (4, {"sample": "x"}), {}) in calls
+    assert [c[0] for c in calls][-1] == "close"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_tqdm_draws_the_bar_and_its_eta_leaves_out_compile_time(monkeypatch):
+    tqdm_std = pytest.importorskip("tqdm.std")
+    now = [0.0]
+    monkeypatch.setattr(tqdm_std, "time", lambda: now[0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    out = _Terminal()
+    p = Progress(total=12, start=0, stream=out)  # made before the first step compiles
+    for step, t in [(1, 100.0), (2, 101.0), (3, 102.0)]:  # 100 s compile, then 1 s a step
+        now[0] = t
+        p.update(step, 5.0 - step, 2000.0)
+    last = out.getvalue().split("\r")[-1]
+    assert "3/12" in last and "loss=2.0000" in last and "tok/s=2.0k" in last
+    assert "<00:09" in last  # 9 steps left at 1 s each (not 102 s / 3 steps)
+    p.close()
+    assert out.getvalue().endswith("\n")
+
+
+def test_off_a_terminal_the_plain_line_is_used_even_with_tqdm(monkeypatch):
+    pytest.importorskip("tqdm")
+    out = io.StringIO()
+    p = Progress(total=4, start=0, stream=out)
+    p.update(2, 1.5, 1000.0)
+    p.close()
+    assert out.getvalue().startswith("████████████") and "step 2/4" in out.getvalue()

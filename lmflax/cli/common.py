@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import jax
 
 from lmflax import config as config_lib
+from lmflax import storage
 from lmflax.cli.quiet import native_stderr_filtered
 from lmflax.config import Config, ConfigError
 from lmflax.data.hub import CheckpointError
@@ -80,15 +81,14 @@ def start_backends() -> None:
         jax.devices()
 
 
-def local_dir(value: str) -> str:
-    """A --workdir value: a local (or mounted) path. URLs such as gs://bucket/run are refused
-    by name rather than silently becoming a local folder called 'gs:'."""
-    scheme, sep, _ = value.partition("://")
-    if sep and scheme.isidentifier():
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is a {scheme}:// URL; lmflax writes runs to local or mounted file "
-            "systems only (for a bucket, mount it, e.g. with gcsfuse, and pass the mount path)"
-        )
+def workdir_arg(value: str) -> str:
+    """A --workdir value: a local (or mounted) path, file:///ABS/PATH, or gs://BUCKET/PATH
+    (`lmflax.storage`). Another URL (s3://, a typo'd scheme, gs:// without gcsfs) is a
+    usage error saying why, rather than silently becoming a local folder called 's3:'."""
+    try:
+        storage.to_path(value)
+    except storage.UnsupportedPathError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
@@ -107,7 +107,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, workdir_help: str) 
         default=None,
         help="config file FILE[:ARG], or a shipped config's name (default gpt_tiny)",
     )
-    parser.add_argument("--workdir", default=None, type=local_dir, help=workdir_help)
+    parser.add_argument("--workdir", default=None, type=workdir_arg, help=workdir_help)
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="only warnings and the final summary"
     )

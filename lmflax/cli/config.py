@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from lmflax import config as config_lib
+from lmflax import storage
 from lmflax.cli import common
 from lmflax.train import NoRunError, resolve
 
@@ -31,7 +31,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if args.workdir is not None and args.config is None:
-        saved = Path(args.workdir) / "config.json"
+        saved = storage.to_path(args.workdir) / "config.json"
         if not saved.is_file():
             raise NoRunError(f"no run in {args.workdir}: it has no config.json")
         cfg = config_lib.apply_overrides(config_lib.from_json(saved.read_text()), overrides)

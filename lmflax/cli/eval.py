@@ -15,12 +15,12 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TextIO
 
 import jax
 import tensorflow_datasets as tfds
 
+from lmflax import storage
 from lmflax.cli import common
 from lmflax.config import ConfigError
 from lmflax.train import NoRunError, Run, evaluate, format_table
@@ -66,7 +66,11 @@ def main(
     out = stream or sys.stdout
     config = None
     workdir = args.workdir
-    if args.config is not None or workdir is None or not (Path(workdir) / "config.json").exists():
+    if (
+        args.config is not None
+        or workdir is None
+        or not (storage.to_path(workdir) / "config.json").exists()
+    ):
         config, name = common.load_config(args.config, ())
         workdir = workdir or common.default_workdir(name)
     try:

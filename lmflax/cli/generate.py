@@ -19,6 +19,7 @@ from typing import TextIO
 
 import jax
 
+from lmflax import storage
 from lmflax.cli import common
 from lmflax.config import Config, ConfigError
 from lmflax.train import Run
@@ -58,7 +59,7 @@ def generate(
     out = out or sys.stdout
     if not prompts:
         raise ConfigError('generation needs at least one --prompt="TEXT"')
-    saved = (Path(workdir) / "config.json").exists()
+    saved = (storage.to_path(workdir) / "config.json").exists()
     run = Run.open(workdir, overrides, config=None if saved else config)
     rng = jax.random.key(run.cfg.generate.seed)
     try:
@@ -81,7 +82,7 @@ def main(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     common.start_backends()
     config, name = (None, None)
     workdir = args.workdir
-    if workdir is None or not (Path(workdir) / "config.json").exists():
+    if workdir is None or not (storage.to_path(workdir) / "config.json").exists():
         config, name = common.load_config(args.config, ())
         workdir = workdir or common.default_workdir(name)
     return generate(workdir, args.prompt, overrides, config=config)

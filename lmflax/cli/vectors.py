@@ -46,7 +46,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of `lmflax vectors`."""
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ex = sub.add_parser("export", help="write a word2vec run's vectors to a file")
-    ex.add_argument("--workdir", required=True, type=common.local_dir)
+    ex.add_argument("--workdir", required=True, type=common.workdir_arg)
     ex.add_argument("--out", required=True)
     ex.add_argument("--binary", action="store_true", help="word2vec binary instead of text")
     nb = sub.add_parser("neighbors", help="nearest neighbours of words")

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmflax import storage
 from lmflax.cli import common
 from lmflax.config import ConfigError
 from lmflax.data.word2vec import split_words
@@ -94,8 +95,28 @@ def visualize(
     grid_size = size
     size = size or (640, 640)
     run = Run.open(workdir, local_devices=True)
-    out = Path(out or Path(workdir) / "viz")
-    out.mkdir(parents=True, exist_ok=True)
+    # The pictures go to `out` (default workdir/viz), drawn locally first when that is a URL.
+    target = storage.to_path(out) if out is not None else run.workdir / "viz"
+    with storage.local_staging(target) as staged:
+        local = Path(staged)
+        local.mkdir(parents=True, exist_ok=True)
+        written = _draw(run, local, sentence, layers, heads, words, size, grid, grid_size)
+    if storage.is_local(target):
+        return written
+    return [target / p.name for p in written]  # type: ignore[misc]
+
+
+def _draw(
+    run: Run,
+    out: Path,
+    sentence: str | None,
+    layers: str,
+    heads: str | None,
+    words: Sequence[str] | None,
+    size: tuple[int, int],
+    grid: bool,
+    grid_size: tuple[int, int] | None,
+) -> list[Path]:
     written: list[Path] = []
     task, params = run.task, run.params
     if hasattr(task, "word_vectors"):  # word2vec: vectors only
@@ -176,7 +197,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     att.add_argument(
         "--workdir",
         required=True,
-        type=common.local_dir,
+        type=common.workdir_arg,
         help="a run directory (lmflax train --workdir)",
     )
     att.add_argument("--sentence", default=None, help="the text to run through the model")

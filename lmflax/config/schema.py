@@ -366,8 +366,9 @@ class TrainConfig:
     either way no update from a non-finite step is ever applied or saved.
     sample_tokens tokens are generated from sample_prompt at the end (0 = no sample).
     writers: where logged values go, comma-separated: 'jsonl' (workdir/metrics.jsonl, which
-    `lmflax viz curves` and analysis read), 'tensorboard' (workdir/tensorboard), and
-    'python:MODULE:CALLABLE' for any other (a callable taking the workdir and returning an
+    `lmflax viz curves` and analysis read), 'tensorboard' (workdir/tensorboard), 'wandb'
+    (Weights & Biases; pip install wandb), 'clu' (clu's default writer; pip install clu
+    tensorflow), and 'python:MODULE:CALLABLE' for any other (a callable taking the workdir and returning an
     object with write_scalars, write_texts, flush, close: a clu MetricWriter, a W&B adapter).
     """
 
@@ -406,11 +407,12 @@ class TrainConfig:
         one_of(errs, "train.nonfinite", self.nonfinite, ("stop", "skip"))
         if self.sample_temperature < 0:
             errs.append(f"train.sample_temperature must be >= 0, got {self.sample_temperature}")
+        names = ("jsonl", "tensorboard", "wandb", "clu")
         for w in (x.strip() for x in self.writers.split(",")):
-            if w and w not in ("jsonl", "tensorboard") and not w.startswith("python:"):
+            if w and w not in names and not w.startswith("python:"):
                 errs.append(
-                    f"train.writers entry {w!r} is not a writer; accepted: jsonl, tensorboard, "
-                    f"python:MODULE:CALLABLE{suggest(w, ('jsonl', 'tensorboard'))}"
+                    f"train.writers entry {w!r} is not a writer; accepted: {', '.join(names)}, "
+                    f"python:MODULE:CALLABLE{suggest(w, names)}"
                 )
         return errs
 

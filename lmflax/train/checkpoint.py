@@ -19,14 +19,19 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
+from lmflax import storage
 from lmflax.data.pipeline import state_from_json
+
+Path = epath.Path  # every path here may be a URL (gs://): epath, never pathlib
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +45,23 @@ class CheckpointIntegrityError(RuntimeError):
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+def _files(step_dir: Path, prefix: str = "") -> list[tuple[str, Path]]:
+    """(path relative to step_dir, with '/', and the path) of every file but the checksums,
+    sorted; listed with epath (iterdir), which works the same on local disks and buckets."""
+    found = []
+    for item in step_dir.iterdir():
+        rel = prefix + item.name
+        if item.is_dir():
+            found.extend(_files(item, rel + "/"))
+        elif rel != CHECKSUMS:
+            found.append((rel, item))
+    return sorted(found)
 
 
 # orbax's step metadata: orbax adds its commit time to it in the rename step, after the sums are
@@ -60,7 +74,7 @@ def _fingerprint(path: Path) -> tuple[int, str]:
     """(size, SHA-256) of a file; (-1, SHA-256 of canonical JSON without the commit time) for
     orbax's step metadata (-1 if that file is not valid JSON: it then differs from any record)."""
     if path.name != _STEP_METADATA:
-        return path.stat().st_size, _sha256(path)
+        return storage.file_size(path), _sha256(path)
     try:
         meta = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -70,15 +84,12 @@ def _fingerprint(path: Path) -> tuple[int, str]:
     return -1, hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
-def record_checksums(step_dir: Path) -> None:
-    """Writes {relative path: [size, sha256]} for every file of a checkpoint being committed."""
-    sums = {str(p.relative_to(step_dir)): list(_fingerprint(p)) for p in _files(step_dir)}
-    tmp = step_dir / (CHECKSUMS + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(sums, indent=1, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(step_dir / CHECKSUMS)
+def record_checksums(step_dir: str | os.PathLike) -> None:
+    """Writes {relative path: [size, sha256]} for every file of a checkpoint being committed.
+    Runs on one process (process 0, in orbax's commit step): the files are shared storage."""
+    step_dir = storage.to_path(step_dir)
+    sums = {rel: list(_fingerprint(p)) for rel, p in _files(step_dir)}
+    storage.replace_atomically(step_dir / CHECKSUMS, json.dumps(sums, indent=1, sort_keys=True))
 
 
 def _read_checksums(step_dir: Path) -> dict[str, tuple[int, str]]:
@@ -97,14 +108,13 @@ def _read_checksums(step_dir: Path) -> dict[str, tuple[int, str]]:
     out: dict[str, tuple[int, str]] = {}
     if not isinstance(sums, dict):
         raise CheckpointIntegrityError(f"{path} holds a {type(sums).__name__}, not a JSON object")
-    root = step_dir.resolve()
     for rel, entry in sums.items():
         ok = (
             isinstance(entry, list)
             and len(entry) == 2
             and isinstance(entry[0], int)
             and isinstance(entry[1], str)
-            and (step_dir / rel).resolve().is_relative_to(root)
+            and storage.is_inside(step_dir, rel)
         )
         if not ok:
             raise CheckpointIntegrityError(
@@ -117,19 +127,42 @@ def _read_checksums(step_dir: Path) -> dict[str, tuple[int, str]]:
     return out
 
 
-def verify_checksums(step_dir: Path) -> bool:
+def verify_checksums(step_dir: str | os.PathLike) -> bool:
     """True if every recorded file is present with its size and SHA-256. Raises
     CheckpointIntegrityError naming the first file that differs, or the checksum file itself when
     it is missing or damaged."""
+    step_dir = storage.to_path(step_dir)
     for rel, (size, digest) in sorted(_read_checksums(step_dir).items()):
         f = step_dir / rel
         if not f.is_file():
             raise CheckpointIntegrityError(f"{f} is missing")
-        if size >= 0 and f.stat().st_size != size:
-            raise CheckpointIntegrityError(f"{f} is {f.stat().st_size} bytes, {size} when saved")
+        if size >= 0 and storage.file_size(f) != size:
+            raise CheckpointIntegrityError(
+                f"{f} is {storage.file_size(f)} bytes, {size} when saved"
+            )
         if _fingerprint(f)[1] != digest:
             raise CheckpointIntegrityError(f"{f} does not match its SHA-256 recorded when saved")
     return True
+
+
+def verify_on_one_process(step_dir: str | os.PathLike) -> None:
+    """`verify_checksums` on process 0 only (the files are on storage every host shares, so
+    hashing them on every host would read the checkpoint once per host); every process gets
+    its verdict and raises the same CheckpointIntegrityError (the others say to look at
+    process 0's log for the file)."""
+    step_dir = storage.to_path(step_dir)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            verify_checksums(step_dir)
+        except CheckpointIntegrityError as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            error = f"{step_dir} failed verification on process 0 (its log names the file)"
+    if error is not None:
+        raise CheckpointIntegrityError(error)
 
 
 class _QuietOrbaxFailures(logging.Filter):
@@ -201,7 +234,7 @@ class Checkpointer:
         verify: bool = True,
         read_only: bool = False,
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = storage.absolute(storage.to_path(directory))
         self.verify = verify
         self.read_only = read_only
         self._saving: int | None = None  # the step whose save is in flight
@@ -363,7 +396,7 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = self.directory / str(step)
             try:
-                verify_checksums(step_dir)
+                verify_on_one_process(step_dir)
             except CheckpointIntegrityError as e:
                 aside = self._move_aside(step)
                 log.error("checkpoint step %d is damaged (%s); moved to %s", step, e, aside)
@@ -403,6 +436,7 @@ class DataStateError(ValueError):
 
 
 def _shard_file(directory: Path, shard: int, num_shards: int) -> Path | None:
+    directory = Path(directory)
     for name in (f"shard_{shard}-of-{num_shards}.json", f"process_{shard}-of-{num_shards}.json"):
         # process_I-of-N.json: written by grain's handler before data shards existed; process I
         # of N read exactly what shard I of N reads now.

@@ -11,8 +11,10 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,10 +24,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from lmflax import config as config_lib
-from lmflax import viz
+from lmflax import storage, viz
 from lmflax.config import Config, ConfigError
 from lmflax.core.losses import finalize
 from lmflax.core.state import TrainState
@@ -43,12 +46,12 @@ from lmflax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 log = logging.getLogger("lmflax")
 
 
-def _prepare_workdir(workdir: Path, cfg: Config, is_writer: bool) -> None:
+def _prepare_workdir(workdir: epath.Path, cfg: Config, is_writer: bool) -> None:
     """Creates the workdir, proves it writable, and records the config. A workdir that holds a
     run of a different model or task is refused rather than silently mixed."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_probe_{jax.process_index()}"
+        probe = workdir / f".write_probe_{jax.process_index()}_{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -69,9 +72,7 @@ def _prepare_workdir(workdir: Path, cfg: Config, is_writer: bool) -> None:
                     f"(differing keys: {', '.join(diff)}); use another --workdir or the same config"
                 )
     if is_writer:
-        tmp = saved.with_suffix(".tmp")
-        tmp.write_text(config_lib.to_json(cfg))
-        tmp.replace(saved)
+        storage.replace_atomically(saved, config_lib.to_json(cfg))
 
 
 def run_name(cfg: Config, config_name: str) -> str:
@@ -149,11 +150,15 @@ def _state_bytes(abstract: Any) -> int:
     )
 
 
-def _check_disk(workdir: Path, abstract: Any, keep: int) -> None:
+def _check_disk(workdir: epath.Path, abstract: Any, keep: int) -> None:
     """Refuses to start when the workdir's filesystem cannot hold the checkpoints the run keeps.
 
     Counts only new space: the finished checkpoints already on disk fill some of the `keep`
-    places, and unfinished `*.orbax-checkpoint-tmp` directories are removed before saving."""
+    places, and unfinished `*.orbax-checkpoint-tmp` directories are removed before saving.
+    An object store (gs://) has no free-space figure: nothing to check there."""
+    if not storage.is_local(workdir):
+        return
+    workdir = Path(os.fspath(workdir))  # local: os/shutil calls below
     each = _state_bytes(abstract)
     directory = workdir / "checkpoints"
     entries = list(directory.iterdir()) if directory.is_dir() else []
@@ -186,8 +191,15 @@ def _tree_bytes(path: Path) -> int:
 class _Loop:
     """One run of the training loop over a restored or fresh state (see `run`)."""
 
-    def __init__(self, trainer: Trainer, workdir: Path, config_name: str):
+    def __init__(
+        self,
+        trainer: Trainer,
+        workdir: epath.Path,
+        config_name: str,
+        lock: WorkdirLock | None = None,
+    ):
         self.trainer, self.cfg, self.workdir, self.name = trainer, trainer.cfg, workdir, config_name
+        self.lock = lock
         t = self.cfg.train
         self.is_writer = jax.process_index() == 0
         self.ckpt = Checkpointer(
@@ -243,7 +255,13 @@ class _Loop:
         )
 
     def check_saves(self) -> None:
-        """Surfaces the error of a background save that failed since the last check."""
+        """Surfaces the error of a background save that failed since the last check (and, on an
+        object store, a workdir lock another run has taken: see `lmflax.train.workdir_lock`)."""
+        if self.lock is not None and self.lock.lost is not None:
+            raise TrainingError(
+                f"workdir {self.workdir}: {self.lock.lost}; this run stops rather than write "
+                f"over it. Last checkpoint: step {self.last_saved}"
+            )
         try:
             self.ckpt.check_errors()
         except Exception as e:
@@ -324,14 +342,15 @@ class _Loop:
             self.writer.close()
 
 
-def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dict[str, Any]:
-    """Trains (or resumes) the run in `workdir`; returns a summary of what happened.
+def run(cfg: Config, workdir: str | os.PathLike, *, config_name: str = "config") -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir` (a path, file:// or gs:// URL: see
+    `lmflax.storage`); returns a summary of what happened.
 
-    Raises ConfigError (bad config), DataError (unreadable data), OSError (unusable workdir) or
-    TrainingError (non-finite values, failed saves, corrupt checkpoints). SIGTERM saves a
-    checkpoint and returns early with summary['preempted'] set.
+    Raises ConfigError (bad config or unsupported workdir URL), DataError (unreadable data),
+    OSError (unusable workdir) or TrainingError (non-finite values, failed saves, corrupt
+    checkpoints). SIGTERM saves a checkpoint and returns early with summary['preempted'] set.
     """
-    workdir = Path(workdir)
+    workdir = storage.absolute(storage.to_path(workdir))
     cfg = resolve(cfg)
     check_run(cfg)
     validate_devices(cfg, jax.device_count())
@@ -340,12 +359,12 @@ def run(cfg: Config, workdir: str | Path, *, config_name: str = "config") -> dic
     # even its lock is taken).
     for split in dict.fromkeys(s for s in (cfg.data.train_split, cfg.data.eval_split) if s):
         sources.data_source(cfg.data.dataset, split, cfg.data.data_dir, download=cfg.data.download)
-    with _workdir_lock(workdir):
-        return _run(cfg, trainer, workdir, config_name)
+    with _workdir_lock(workdir) as lock:
+        return _run(cfg, trainer, workdir, config_name, lock)
 
 
 @contextlib.contextmanager
-def _workdir_lock(workdir: Path) -> Iterator[None]:
+def _workdir_lock(workdir: epath.Path) -> Iterator[WorkdirLock]:
     """One writer per workdir: process 0 holds `workdir/lmflax.lock` for the whole run (see
     `lmflax.train.workdir_lock`); when it cannot, every process of the run stops."""
     lock = WorkdirLock(workdir)
@@ -364,12 +383,14 @@ def _workdir_lock(workdir: Path) -> Iterator[None]:
     if refused is not None:
         raise refused
     try:
-        yield
+        yield lock
     finally:
         lock.release()
 
 
-def _run(cfg: Config, trainer: Trainer, workdir: Path, config_name: str) -> dict[str, Any]:
+def _run(
+    cfg: Config, trainer: Trainer, workdir: epath.Path, config_name: str, lock: WorkdirLock
+) -> dict[str, Any]:
     is_writer = jax.process_index() == 0
     t = cfg.train
     _prepare_workdir(workdir, cfg, is_writer)
@@ -382,7 +403,7 @@ def _run(cfg: Config, trainer: Trainer, workdir: Path, config_name: str) -> dict
     log.info(
         "tokenizer: %d tokens; model: %s", task.tokenizer.vocab_size, type(task.model).__name__
     )
-    loop = _Loop(trainer, workdir, config_name)
+    loop = _Loop(trainer, workdir, config_name, lock)
     loop.num_shards = _num_data_shards(cfg, loop.ckpt, loop.ckpt.latest_step())
     train_iter = trainer.batches(cfg.data.train_split, loop.num_shards)
     failing = True
@@ -396,10 +417,25 @@ def _run(cfg: Config, trainer: Trainer, workdir: Path, config_name: str) -> dict
     if is_writer:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         try:  # a picture of the run (lmflax viz curves); drawing must never fail the run
-            viz.plot_workdir_curves([workdir], workdir / "curves.png")
+            _draw_curves(workdir)
         except Exception as e:
             log.warning("could not draw %s: %s", workdir / "curves.png", e)
     return summary
+
+
+def _draw_curves(workdir: epath.Path) -> None:
+    """workdir/curves.png from its metrics files (matplotlib reads and writes local files: a
+    gs:// run's are copied to a local folder and the picture copied back)."""
+    if storage.is_local(workdir):
+        viz.plot_workdir_curves([os.fspath(workdir)], os.fspath(workdir / "curves.png"))
+        return
+    with tempfile.TemporaryDirectory(prefix="lmflax-curves-") as tmp:
+        run_dir = Path(tmp) / workdir.name  # the plot's label is the folder's name
+        run_dir.mkdir()
+        for p in workdir.glob("*metrics.jsonl"):
+            (run_dir / p.name).write_bytes(p.read_bytes())
+        png = viz.plot_workdir_curves([run_dir], Path(tmp) / "curves.png")
+        (workdir / "curves.png").write_bytes(Path(png).read_bytes())
 
 
 def _train(
@@ -531,10 +567,9 @@ def _sample(loop: _Loop, state: TrainState) -> str | None:
     )
 
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    tmp.replace(path)
+def _write_jsonl(path: epath.Path, records: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    storage.replace_atomically(path, text)
 
 
 def _num_data_shards(cfg: Config, ckpt: Checkpointer, latest: int | None) -> int:

@@ -4,15 +4,23 @@ Only the writing process (process 0) writes."""
 
 from __future__ import annotations
 
+import html
 import importlib
 import json
 import logging
 import math
+import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+from etils import epath
+
+from lmflax import storage
+from lmflax.config import ConfigError
 
 log = logging.getLogger("lmflax")
 
@@ -31,12 +39,13 @@ class Writer(Protocol):
 
 
 class TensorBoardWriter:
-    """Scalars and texts as TensorBoard event files under `<workdir>/tensorboard`."""
+    """Scalars and texts as TensorBoard event files under `<workdir>/tensorboard`. tensorboardX
+    writes gs:// itself (through google-cloud-storage, uploading the event file on each flush)."""
 
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: epath.Path):
         from tensorboardX import SummaryWriter  # deferred: only when TensorBoard is on
 
-        self._tb = SummaryWriter(str(logdir))
+        self._tb = SummaryWriter(os.fspath(logdir))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         for k, v in scalars.items():
@@ -53,7 +62,82 @@ class TensorBoardWriter:
         self._tb.close()
 
 
-BUILTIN_WRITERS = ("jsonl", "tensorboard")
+WANDB_ID = "wandb_run_id"  # in the workdir: a resumed run logs into the same W&B run
+
+
+class WandbWriter:
+    """Scalars and texts to a Weights & Biases run. The run's id is kept in
+    `<workdir>/wandb_run_id`, so a resumed run continues the same W&B run; its config is the
+    workdir's config.json. W&B's own settings come from its environment variables
+    (WANDB_PROJECT, default 'lmflax'; WANDB_ENTITY; WANDB_MODE=offline; WANDB_DIR, default the
+    workdir when it is local)."""
+
+    def __init__(self, workdir: epath.Path):
+        import wandb  # deferred: only when train.writers names wandb
+
+        id_file = workdir / WANDB_ID
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(8)
+        if not id_file.exists():
+            id_file.write_text(run_id)
+        saved = workdir / "config.json"
+        config = json.loads(saved.read_text()) if saved.exists() else None
+        self._wandb = wandb
+        self._run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "lmflax"),
+            name=workdir.name,
+            id=run_id,
+            resume="allow",
+            config=config,
+            dir=os.environ.get("WANDB_DIR")
+            or (os.fspath(workdir) if storage.is_local(workdir) else None),
+        )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self._run.log(dict(scalars), step=step)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        self._run.log(
+            {k: self._wandb.Html(f"<pre>{html.escape(v)}</pre>") for k, v in texts.items()},
+            step=step,
+        )
+
+    def flush(self) -> None:
+        pass  # wandb sends in the background; finish() (close) waits for it
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class CluWriter:
+    """clu's default writer (`clu.metric_writers.create_default_writer`: TensorBoard summaries
+    through TensorFlow) under `<workdir>/clu`."""
+
+    def __init__(self, workdir: epath.Path):
+        from clu import metric_writers  # deferred: only when train.writers names clu
+
+        self._w = metric_writers.create_default_writer(
+            os.fspath(workdir / "clu"), asynchronous=False
+        )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self._w.write_scalars(step, scalars)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        self._w.write_texts(step, texts)
+
+    def flush(self) -> None:
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
+# name -> (factory, the module it imports, what to pip install when that import fails)
+_OPTIONAL: dict[str, tuple[Callable[[epath.Path], Writer], str, str]] = {
+    "wandb": (WandbWriter, "wandb", "wandb"),
+    "clu": (CluWriter, "clu.metric_writers", "clu tensorflow"),
+}
+BUILTIN_WRITERS = ("jsonl", "tensorboard", *_OPTIONAL)  # tensorboardX is a dependency
 PLUGIN_PREFIX = "python:"
 
 
@@ -62,9 +146,24 @@ def writer_names(spec: str) -> list[str]:
     return [w.strip() for w in spec.split(",") if w.strip()]
 
 
+def _missing(name: str) -> str | None:
+    """Why the optional writer `name` cannot be made here (None: it can). Imports its module:
+    only for writers the config names."""
+    _, module, package = _OPTIONAL[name]
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return (
+            f"train.writers names {name!r}, but {module} cannot be imported ({e}): "
+            f"pip install {package}"
+        )
+    return None
+
+
 def plugin_problems(spec: str) -> list[str]:
-    """The problems of the 'python:MODULE:CALLABLE' entries of `train.writers` (the names of
-    the built-in writers are checked with the rest of the config)."""
+    """The problems of `train.writers` that need imports: a 'python:MODULE:CALLABLE' entry that
+    does not resolve, an optional writer (wandb, clu) whose package is missing.
+    The names themselves are checked with the rest of the config."""
     errs = []
     for name in writer_names(spec):
         if name.startswith(PLUGIN_PREFIX):
@@ -72,34 +171,31 @@ def plugin_problems(spec: str) -> list[str]:
                 _plugin(name)
             except (ImportError, AttributeError, ValueError) as e:
                 errs.append(f"train.writers entry {name!r}: {e}")
+        elif name in _OPTIONAL and (why := _missing(name)) is not None:
+            errs.append(why)
     return errs
 
 
 def writer_problems(spec: str) -> list[str]:
     """Why `train.writers=spec` cannot be used (empty = it can). A plugin 'python:MODULE:NAME'
-    names a callable taking the workdir (a Path) and returning a Writer; it is imported here,
-    so a typo is found before training starts."""
-    errs = []
+    names a callable taking the workdir (an etils.epath.Path) and returning a Writer; it is
+    imported here, so a typo is found before training starts."""
+    errs = plugin_problems(spec)
     names = writer_names(spec)
     for name in names:
-        if name.startswith(PLUGIN_PREFIX):
-            try:
-                _plugin(name)
-            except (ImportError, AttributeError, ValueError) as e:
-                errs.append(f"train.writers entry {name!r}: {e}")
-        elif name not in BUILTIN_WRITERS:
+        if not name.startswith(PLUGIN_PREFIX) and name not in BUILTIN_WRITERS:
             errs.append(
                 f"train.writers entry {name!r} is not a writer; accepted: "
                 f"{', '.join(BUILTIN_WRITERS)}, or {PLUGIN_PREFIX}MODULE:CALLABLE (a callable "
                 "taking the workdir and returning an object with write_scalars, write_texts, "
-                "flush and close, such as a clu MetricWriter or a W&B adapter)"
+                "flush and close, such as a clu MetricWriter)"
             )
     if len(set(names)) != len(names):
         errs.append(f"train.writers lists a writer twice: {spec!r}")
     return errs
 
 
-def _plugin(name: str) -> Callable[[Path], Writer]:
+def _plugin(name: str) -> Callable[[epath.Path], Writer]:
     module_name, sep, attr = name.removeprefix(PLUGIN_PREFIX).partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"expected {PLUGIN_PREFIX}MODULE:CALLABLE, got {name!r}")
@@ -111,33 +207,53 @@ def _plugin(name: str) -> Callable[[Path], Writer]:
 
 class MetricWriter:
     """Appends JSON lines to `<workdir>/<name>.jsonl` and passes finite scalars (and texts) to
-    the other writers `train.writers` names (TensorBoard by default)."""
+    the other writers `train.writers` names (TensorBoard by default).
+
+    On an object store (gs://), which cannot append, each .jsonl file is kept in memory and
+    uploaded whole after each write (one object per upload: a reader sees whole records)."""
 
     def __init__(
         self,
-        workdir: Path,
+        workdir: str | os.PathLike,
         *,
         enabled: bool = True,
         tensorboard: bool = True,
         writers: str | None = None,
     ):
         self.enabled = enabled
-        self.workdir = workdir
+        self.workdir = storage.to_path(workdir)
+        self.local = storage.is_local(self.workdir)
+        self._texts: dict[str, str] = {}  # object stores: file name -> its whole content
         if writers is None:
             writers = "jsonl,tensorboard" if tensorboard else "jsonl"
         names = writer_names(writers)
         errs = writer_problems(writers)
+        if "tensorboard" in names and enabled and not self.local:
+            errs += _tensorboard_url_problems(self.workdir)
         if errs:
-            raise ValueError("; ".join(errs))
+            raise ConfigError("; ".join(errs))
         self.jsonl = "jsonl" in names
         self.writers: list[Writer] = []
         if not enabled:
             return
         for name in names:
             if name == "tensorboard":
-                self.writers.append(TensorBoardWriter(workdir / "tensorboard"))
+                self.writers.append(TensorBoardWriter(self.workdir / "tensorboard"))
+            elif name in _OPTIONAL:
+                self.writers.append(_OPTIONAL[name][0](self.workdir))
             elif name.startswith(PLUGIN_PREFIX):
-                self.writers.append(_plugin(name)(workdir))
+                self.writers.append(_plugin(name)(self.workdir))
+
+    def _append(self, name: str, text: str) -> None:
+        path = self.workdir / name
+        if self.local:
+            with open(os.fspath(path), "a") as f:
+                f.write(text)
+            return
+        if name not in self._texts:
+            self._texts[name] = path.read_text() if path.exists() else ""
+        self._texts[name] += text
+        path.write_text(self._texts[name])
 
     def write(
         self, step: int, values: dict[str, Any], *, file: str = "metrics", prefix: str = ""
@@ -146,8 +262,7 @@ class MetricWriter:
             return
         if self.jsonl:
             record = {"step": int(step), **{k: _clean(v) for k, v in values.items()}}
-            with open(self.workdir / f"{file}.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._append(f"{file}.jsonl", json.dumps(record) + "\n")
         scalars = {
             f"{prefix}{k}": float(v)
             for k, v in values.items()
@@ -176,14 +291,27 @@ class MetricWriter:
             # A partial last line is rewritten away too, or the next record would be appended
             # to it.
             if len(kept) != len(records) or not complete:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-                tmp.replace(path)
+                storage.replace_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+            self._texts.pop(path.name, None)
 
     def close(self) -> None:
         for w in self.writers:
             w.close()
         self.writers = []
+
+
+def _tensorboard_url_problems(workdir: epath.Path) -> list[str]:
+    """tensorboardX writes gs:// through google-cloud-storage (and nothing else but s3)."""
+    try:
+        importlib.import_module("google.cloud.storage")
+        return []
+    except ImportError:
+        pass
+    return [
+        f"train.writers names 'tensorboard' and the workdir is {workdir}: tensorboardX writes "
+        "gs:// event files through google-cloud-storage, which is not installed (pip install "
+        "google-cloud-storage), or drop tensorboard from train.writers"
+    ]
 
 
 def _clean(v: Any) -> Any:
@@ -205,10 +333,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return _read_records(path)[0]
 
 
-def _read_records(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
+def _read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], bool]:
     """(records, whether the file is exactly those records, each on a whole line)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.to_path(path).read_bytes()
     lines = data.split(b"\n")
     # After the last newline comes '' (a whole file) or the piece of a line being written.
     complete = lines[-1] == b""
@@ -247,20 +374,48 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (where tqdm.auto draws a widget)."""
+    ipython = sys.modules.get("IPython")  # never imported here: a notebook has it loaded
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def _tqdm_class() -> Any | None:
+    """tqdm.auto's bar class, or None when tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm  # deferred: optional, and only for a terminal or notebook
+    except ImportError:
+        return None
+    return tqdm
+
+
 class Progress:
-    """A one-line progress bar: step, loss, tokens/s, ETA. Redrawn in place on a terminal;
-    printed as a plain line per update otherwise (logs, CI, notebooks). The ETA is measured
-    from the first update on, so the first steps' compilation does not inflate it ('?' until
-    the second update)."""
+    """Progress: step, loss, tokens/s, ETA. Through `tqdm.auto` (a widget in notebooks) when
+    tqdm is installed and the stream is a terminal or this is a notebook; otherwise a
+    hand-drawn line, redrawn in place on a terminal and printed as a plain line per update
+    elsewhere (logs, CI). Either way the ETA is measured from the first update on, so the first
+    steps' compilation does not inflate it ('?' until the second update): the tqdm bar is
+    started at the first update, at that step."""
 
     def __init__(
-        self, total: int, start: int, *, enabled: bool = True, stream: TextIO | None = None
+        self,
+        total: int,
+        start: int,
+        *,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        use_tqdm: bool | None = None,
     ):
         self.total, self.start = total, start
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self._first: tuple[int, float] | None = None  # (step, time) of the first update
+        if use_tqdm is None:
+            use_tqdm = self.tty or _in_notebook()
+        self._tqdm = _tqdm_class() if use_tqdm and enabled else None
+        self._bar: Any = None
 
     def eta(self, step: int, now: float) -> float:
         """Seconds left at `step` (nan before there are two updates to measure between)."""
@@ -271,6 +426,9 @@ class Progress:
 
     def update(self, step: int, loss: float, tokens_per_sec: float) -> None:
         if not self.enabled:
+            return
+        if self._tqdm is not None:
+            self._update_tqdm(step, loss, tokens_per_sec)
             return
         now = time.perf_counter()
         eta = self.eta(step, now)
@@ -289,7 +447,28 @@ class Progress:
             self.stream.write(line + "\n")
         self.stream.flush()
 
+    def _update_tqdm(self, step: int, loss: float, tokens_per_sec: float) -> None:
+        postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_sec / 1e3:.1f}k"}
+        if self._bar is None:
+            # Started here, at the first logged step, so its rate (and ETA) never includes
+            # the compilation before it.
+            self._bar = self._tqdm(
+                total=self.total,
+                initial=step,
+                file=self.stream,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=0,
+                postfix=postfix,
+            )
+            return
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(step - self._bar.n)
+
     def close(self) -> None:
-        if self.enabled and self.tty:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.enabled and self.tty and self._tqdm is None:
             self.stream.write("\n")
             self.stream.flush()

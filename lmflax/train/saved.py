@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from lmflax import config as config_lib
+from lmflax import storage
 from lmflax.config import Config, ConfigError
 from lmflax.core.state import TrainState
 from lmflax.hf import adapters, save_pretrained
 from lmflax.hf.pretrained import parse_init_from
 from lmflax.tasks import Task
-from lmflax.train.checkpoint import Checkpointer, CheckpointIntegrityError, verify_checksums
+from lmflax.train.checkpoint import Checkpointer, CheckpointIntegrityError, verify_on_one_process
 from lmflax.train.checks import resolve
 from lmflax.train.trainer import Trainer
 
@@ -49,7 +52,7 @@ class Run:
     """A run opened from its workdir. `step` is the checkpoint's, or None for fresh parameters
     (only with `Run.open(..., fresh=True)` on a workdir that has no checkpoint)."""
 
-    workdir: Path
+    workdir: epath.Path
     cfg: Config
     trainer: Trainer
     state: TrainState
@@ -64,17 +67,25 @@ class Run:
         """The model's parameters (with LoRA: the adapters merged into the base)."""
         return self.trainer.model_params(self.state)
 
-    def export_hf(self, out: str | Path, **kwargs: Any) -> Path:
+    def export_hf(self, out: str | os.PathLike, **kwargs: Any) -> Path | epath.Path:
         """Writes the run's model as a Hugging Face directory (`lmflax.hf.save_pretrained`;
-        kwargs: tokenizer, architecture); a LoRA run's adapters are merged in (W + (alpha/r)·A·B)."""
+        kwargs: tokenizer, architecture); a LoRA run's adapters are merged in (W + (alpha/r)·A·B).
+        `out` may be a gs:// URL: the folder is written locally, then copied there."""
         plan = self.trainer.lora_plan
-        if plan is None:
-            return save_pretrained(self.cfg.model, self.params, out, **kwargs)
-        return adapters.save_merged(
-            self.cfg.model, plan, self.state.frozen, self.state.params, out, **kwargs
-        )
+        target = storage.to_path(out)
+        with storage.local_staging(target) as local:
+            local = Path(local)
+            if plan is None:
+                save_pretrained(self.cfg.model, self.params, local, **kwargs)
+            else:
+                adapters.save_merged(
+                    self.cfg.model, plan, self.state.frozen, self.state.params, local, **kwargs
+                )
+        return storage.plain(target)
 
-    def export_peft(self, out: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+    def export_peft(
+        self, out: str | os.PathLike, *, base_model_name_or_path: str | None = None
+    ) -> Path | epath.Path:
         """Writes a LoRA run's adapters as a PEFT adapter folder (adapter_config.json +
         adapter_model.safetensors). The base it names defaults to model.init_from's directory."""
         plan = self.trainer.lora_plan
@@ -83,14 +94,17 @@ class Run:
         init_from = getattr(self.cfg.model, "init_from", None)
         if base_model_name_or_path is None and init_from:
             base_model_name_or_path = str(parse_init_from(init_from))
-        return adapters.save_peft_adapter(
-            self.cfg.model,
-            plan,
-            self.params,
-            self.state.params,
-            out,
-            base_model_name_or_path=base_model_name_or_path,
-        )
+        target = storage.to_path(out)
+        with storage.local_staging(target) as local:
+            adapters.save_peft_adapter(
+                self.cfg.model,
+                plan,
+                self.params,
+                self.state.params,
+                Path(local),
+                base_model_name_or_path=base_model_name_or_path,
+            )
+        return storage.plain(target)
 
     @property
     def source(self) -> str:
@@ -105,7 +119,7 @@ class Run:
     @classmethod
     def open(
         cls,
-        workdir: str | Path,
+        workdir: str | os.PathLike,
         overrides: Sequence[str] = (),
         step: int | None = None,
         *,
@@ -121,7 +135,7 @@ class Run:
         parameters `Trainer.initialize` makes (random, or imported from model.init_from)
         instead of raising NoRunError.
         """
-        workdir = Path(workdir)
+        workdir = storage.absolute(storage.to_path(workdir))
         saved = workdir / "config.json"
         if config is None:
             if not saved.is_file():
@@ -165,14 +179,14 @@ class Run:
         return cls(workdir=workdir, cfg=cfg, trainer=trainer, state=state, step=step)
 
 
-def _verify(directory: Path, step: int, steps: list[int], verify: bool) -> None:
+def _verify(directory: epath.Path, step: int, steps: list[int], verify: bool) -> None:
     """Refuses a checkpoint whose files differ from the sums recorded when it was saved (nothing
     is moved: opening a run only reads it)."""
     if not verify:
         log.warning("train.verify_checkpoints=false: opening checkpoint step %d unverified", step)
         return
     try:
-        verify_checksums(directory / str(step))
+        verify_on_one_process(directory / str(step))
     except CheckpointIntegrityError as e:
         others = [s for s in steps if s != step]
         raise CheckpointIntegrityError(

@@ -12,6 +12,14 @@ A lock left by a run that is gone is stale and is taken over, with a warning:
   clock, compared with a file this process has just written) is stale.
 Takeovers are serialised by a second O_EXCL file, so two runs that both find a stale lock cannot
 both take it.
+
+On an object store (a gs:// workdir) there is no O_EXCL and no utime: the lock is advisory. A run
+refuses a lock another live run holds (judged as above: same host and pid alive, or refreshed
+within `STALE_AFTER_S` by the store's clock), writes its own record, waits `SETTLE_S` and reads
+it back; it holds the lock only if the record is still its own (of two writes the later wins).
+Both pass only if one run's existence check and write are over `SETTLE_S` apart, which is why it
+is advisory; the heartbeat rewrites the record (that moves its mtime), and a heartbeat that finds
+another run's record marks the lock lost, which stops the run at its next log step.
 """
 
 from __future__ import annotations
@@ -26,12 +34,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
+from lmflax import storage
+
 log = logging.getLogger(__name__)
 
 LOCK = "lmflax.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0  # another host's lock untouched this long is stale
 _TAKEOVER_STALE_S = 60.0  # a takeover marker older than this was left by a killed process
+SETTLE_S = 2.0  # object stores: how long a written lock record must survive to count as held
 
 
 class WorkdirLockedError(OSError):
@@ -71,11 +84,20 @@ class WorkdirLock:
     """The lock on one workdir. `acquire()` takes it or raises WorkdirLockedError naming the
     holder; `release()` removes it (only if still ours). Usable as a context manager."""
 
-    def __init__(self, workdir: str | Path, *, heartbeat_s: float = HEARTBEAT_S):
-        self.workdir = Path(workdir).absolute()
+    def __init__(
+        self,
+        workdir: str | epath.Path,
+        *,
+        heartbeat_s: float = HEARTBEAT_S,
+        settle_s: float = SETTLE_S,
+    ):
+        self.workdir = storage.absolute(storage.to_path(workdir))
         self.path = self.workdir / LOCK
+        self.local = storage.is_local(self.workdir)
         self.heartbeat_s = heartbeat_s
+        self.settle_s = settle_s
         self.held = False
+        self.lost: str | None = None  # object stores: why the heartbeat found the lock not ours
         self._token = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,7 +111,9 @@ class WorkdirLock:
             "token": f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}",
         }
 
-    def _create(self, path: Path, content: dict[str, Any]) -> bool:
+    def _create(self, path: epath.Path, content: dict[str, Any]) -> bool:
+        if not self.local:
+            return self._create_advisory(path, content)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -99,6 +123,17 @@ class WorkdirLock:
             f.flush()
             os.fsync(f.fileno())
         return True
+
+    def _create_advisory(self, path: epath.Path, content: dict[str, Any]) -> bool:
+        """An object store's stand-in for O_EXCL: write if absent, then check it stayed ours."""
+        if path.exists():
+            return False
+        path.write_text(json.dumps(content))
+        time.sleep(self.settle_s)
+        try:
+            return json.loads(path.read_text()).get("token") == content["token"]
+        except (FileNotFoundError, ValueError, AttributeError):
+            return False
 
     def _read(self) -> dict[str, Any] | None:
         """The holder's record; None if the lock vanished; {} if unreadable (being written, or
@@ -115,10 +150,10 @@ class WorkdirLock:
 
     def _fs_now(self) -> float:
         """The file system's clock now: the mtime of a file just written (hosts' clocks differ)."""
-        probe = self.workdir / f".lmflax.lock.clock-{os.getpid()}"
+        probe = self.workdir / f".lmflax.lock.clock-{socket.gethostname()}-{os.getpid()}"
         probe.write_text("")
         try:
-            return probe.stat().st_mtime
+            return storage.mtime(probe)
         finally:
             probe.unlink()
 
@@ -129,7 +164,7 @@ class WorkdirLock:
                 return f"its process {holder['pid']} on this host is gone"
             return None
         try:
-            age = self._fs_now() - self.path.stat().st_mtime
+            age = self._fs_now() - storage.mtime(self.path)
         except FileNotFoundError:
             return "it was just released"
         if age > STALE_AFTER_S:
@@ -167,7 +202,7 @@ class WorkdirLock:
         marker = self.path.with_name(LOCK + ".takeover")
         if not self._create(marker, self._me()):
             try:
-                if time.time() - marker.stat().st_mtime > _TAKEOVER_STALE_S:
+                if self._fs_now() - storage.mtime(marker) > _TAKEOVER_STALE_S:
                     marker.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
@@ -186,10 +221,20 @@ class WorkdirLock:
             marker.unlink(missing_ok=True)
 
     def _start_heartbeat(self) -> None:
+        record = self.path.read_text() if not self.local else ""
+
         def beat() -> None:
             while not self._stop.wait(self.heartbeat_s):
                 with contextlib.suppress(OSError):
-                    os.utime(self.path)
+                    if self.local:
+                        os.utime(self.path)
+                        continue
+                    holder = self._read()
+                    if holder and holder.get("token") != self._token:
+                        self.lost = f"the lock was taken by another run ({_holder_text(holder)})"
+                        log.error("workdir %s: %s", self.workdir, self.lost)
+                        return
+                    self.path.write_text(record)  # rewriting an object moves its mtime
 
         self._thread = threading.Thread(target=beat, name="lmflax-lock-heartbeat", daemon=True)
         self._thread.start()
