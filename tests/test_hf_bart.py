@@ -247,6 +247,31 @@ def test_unsupported_settings_are_refused_by_name(name, change, match, tiny, tmp
         lmflax.from_pretrained(tmp_path)
 
 
+def _lmflax_tokens(model, params, name, beams, eos, constraints, *, length_penalty):
+    """lmflax's new tokens [B, NEW] for SOURCES: greedy (beams 1) or transformers-rule beam
+    search with early_stopping=True, under `constraints`."""
+    src, src_mask = _right_pad(SOURCES)
+    common = dict(
+        encoder_inputs=jnp.asarray(src),
+        encoder_mask=jnp.asarray(src_mask),
+        max_new_tokens=NEW,
+        eos_id=eos,
+        pad_id=PAD,
+        constraints=constraints,
+    )
+    start = jnp.full((len(SOURCES), 1), _start(name), jnp.int32)
+    if beams == 1:
+        out = decode.generate(
+            model, params, start, rng=jax.random.key(0), temperature=0.0, **common
+        )
+        return np.asarray(out)[:, 1:]
+    out = decode.beam_search(
+        model, params, start, beam_size=beams, length_penalty=length_penalty,
+        length_penalty_form="hf", early_stopping=True, **common,
+    )  # fmt: skip
+    return np.asarray(out.sequences[:, 0])
+
+
 @pytest.mark.parametrize(
     ("name", "beams"), [("bart", 1), ("bart", 3), ("marian", 1), ("marian", 3)]
 )
@@ -272,27 +297,7 @@ def test_forced_and_banned_tokens_equal_transformers_generate(name, beams, tiny,
     want = _hf_generate(torch, ref, name, eos_token_id=eos, num_beams=beams, **beam, **hf_kwargs)
     assert not np.array_equal(want, free), "the constraints must change the output"
     constraints = decode.Constraints(forced_bos_id=forced_bos, forced_eos_id=eos, banned_ids=banned)
-    src, src_mask = _right_pad(SOURCES)
-    common = dict(
-        encoder_inputs=jnp.asarray(src),
-        encoder_mask=jnp.asarray(src_mask),
-        max_new_tokens=NEW,
-        eos_id=eos,
-        pad_id=PAD,
-        constraints=constraints,
-    )
-    start = jnp.full((len(SOURCES), 1), _start(name), jnp.int32)
-    if beams == 1:
-        out = decode.generate(
-            model, params, start, rng=jax.random.key(0), temperature=0.0, **common
-        )
-        got = np.asarray(out)[:, 1:]
-    else:
-        out = decode.beam_search(
-            model, params, start, beam_size=beams, length_penalty=1.2,
-            length_penalty_form="hf", early_stopping=True, **common,
-        )  # fmt: skip
-        got = np.asarray(out.sequences[:, 0])
+    got = _lmflax_tokens(model, params, name, beams, eos, constraints, length_penalty=1.2)
     np.testing.assert_array_equal(got, want)
 
 
@@ -313,27 +318,7 @@ def test_min_length_and_no_repeat_ngram_equal_transformers_generate(name, beams,
     )  # fmt: skip
     assert not np.array_equal(want, plain), "the constraints must change the output"
     constraints = decode.Constraints(min_new_tokens=3, no_repeat_ngram_size=2)
-    src, src_mask = _right_pad(SOURCES)
-    common = dict(
-        encoder_inputs=jnp.asarray(src),
-        encoder_mask=jnp.asarray(src_mask),
-        max_new_tokens=NEW,
-        eos_id=eos,
-        pad_id=PAD,
-        constraints=constraints,
-    )
-    start = jnp.full((len(SOURCES), 1), _start(name), jnp.int32)
-    if beams == 1:
-        out = decode.generate(
-            model, params, start, rng=jax.random.key(0), temperature=0.0, **common
-        )
-        got = np.asarray(out)[:, 1:]
-    else:
-        out = decode.beam_search(
-            model, params, start, beam_size=beams, length_penalty=1.0,
-            length_penalty_form="hf", early_stopping=True, **common,
-        )  # fmt: skip
-        got = np.asarray(out.sequences[:, 0])
+    got = _lmflax_tokens(model, params, name, beams, eos, constraints, length_penalty=1.0)
     np.testing.assert_array_equal(got, want)
 
 

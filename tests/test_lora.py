@@ -450,6 +450,7 @@ def test_peft_loads_the_adapter_folder_with_the_same_logits(
 # Resume after kill -9
 
 
+STEPS = 64  # enough that a kill right after checkpoint 8 lands well before the end
 TINY = [
     "--config.data.seq_len=32",
     "--config.data.batch_size=4",
@@ -460,7 +461,7 @@ TINY = [
     "--config.model.lora.dropout=0.1",
     "--config.model.lora.targets=('attention/(query|value)', 'mlp/wo')",
     "--config.optimizer.warmup_steps=2",
-    "--config.train.steps=160",
+    f"--config.train.steps={STEPS}",
     "--config.train.checkpoint_every=8",
 ]
 
@@ -476,7 +477,7 @@ def _state(step_dir: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("base", ["init_from", "random"])
 def test_a_lora_run_resumes_exactly_after_kill(base, hf_dirs, data_dir, tmp_path):
-    """160 steps straight vs kill -9 after checkpoint 8 + the rest: identical losses, bit-identical
+    """STEPS steps straight vs kill -9 after checkpoint 8 + the rest: identical losses, bit-identical
     adapters. A base from model.init_from is not in the checkpoints (it is read again); a random
     base is."""
     import os
@@ -507,12 +508,12 @@ def test_a_lora_run_resumes_exactly_after_kill(base, hf_dirs, data_dir, tmp_path
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    assert 8 <= max(_losses(killed)) < 160, "the run ended before it was killed"
+    assert 8 <= max(_losses(killed)) < STEPS, "the run ended before it was killed"
     resumed = run_train([f"--workdir={killed}", *args], data_dir)
     at = re.search(r"resumed from .* at step (\d+)", resumed.stderr)
-    assert at and 8 <= int(at.group(1)) < 160, resumed.stderr[-2000:]
+    assert at and 8 <= int(at.group(1)) < STEPS, resumed.stderr[-2000:]
     assert _losses(killed) == _losses(straight)
-    a, b = _state(killed / "checkpoints" / "160"), _state(straight / "checkpoints" / "160")
+    a, b = (_state(w / "checkpoints" / str(STEPS)) for w in (killed, straight))
     assert ("frozen" in a) == (base == "random")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()

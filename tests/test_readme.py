@@ -7,9 +7,7 @@ import re
 
 import pytest
 
-from lmflax.cli.common import default_workdir
-
-from .conftest import ROOT, run_train
+from .conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCKS = [
@@ -41,36 +39,3 @@ def test_readme_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)\)", readme):
         if not target.startswith("http"):
             assert (ROOT / target).exists(), target
-
-
-@pytest.mark.slow  # the README's own run: the full default config, ~4 min on 2 CPU cores
-def test_the_readme_shows_the_numbers_a_default_run_prints(data_dir, tmp_path):
-    """`python train.py` as the README runs it (default config, default XLA flags) ends with the
-    summary line the README shows: the same steps and workdir, the losses to the printed digits
-    (within 2e-3, for floating-point differences between CPUs)."""
-    readme = (ROOT / "README.md").read_text()
-    shown = re.search(
-        r"^done: step (\d+), loss ([\d.]+), eval loss ([\d.]+); workdir (\S+)$", readme, re.M
-    )
-    assert shown, "README.md shows no 'done: step N, loss X, eval loss Y; workdir DIR' line"
-    step, loss, eval_loss, workdir = shown.groups()
-    assert workdir == default_workdir("gpt_tiny")
-    # the user's compiler settings, not the test session's faster-compiling ones
-    flags = " ".join(
-        f for f in os.environ.get("XLA_FLAGS", "").split() if "backend_optimization" not in f
-    )
-    out = run_train(
-        [f"--workdir={tmp_path / 'gpt_tiny'}"], data_dir, env={"XLA_FLAGS": flags}, timeout=3600
-    )
-    printed = re.search(
-        r"^done: step (\d+), loss ([\d.]+), eval loss ([\d.]+); workdir", out.stdout, re.M
-    )
-    assert printed, out.stdout[-2000:]
-    got = printed.groups()
-    assert got[0] == step, f"README shows step {step}, the run ends at step {got[0]}"
-    assert (
-        abs(float(got[1]) - float(loss)) < 2e-3 and abs(float(got[2]) - float(eval_loss)) < 2e-3
-    ), (
-        f"README shows loss {loss}, eval loss {eval_loss}; a default run prints loss {got[1]}, "
-        f"eval loss {got[2]}"
-    )

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lmflax import hf
+from lmflax.config import override
 from lmflax.hf import bart
 from lmflax.models import GPT, PRESETS, EncoderDecoder
 
@@ -70,3 +71,39 @@ def tiny_seq2seq_checkpoint(name: str, arch: str, hf_config: dict[str, Any]) -> 
     except OSError:  # another process finished first: its directory is the same
         shutil.rmtree(part)
     return path
+
+
+def seq2seq_from_checkpoint(cfg: Any, directory: str | Path, *, tiny: bool, seq_len: int) -> Any:
+    """`cfg` (a seq2seq fine-tuning Config) started from the encoder-decoder checkpoint in
+    `directory`: its model (init_from), tokenizer and decoding conventions (hf.seq2seq_settings),
+    and lengths within its position table. tiny: the `:tiny` run (a random checkpoint, lmflax's
+    BPE trained on the data, rows of `seq_len` source tokens, 60 steps)."""
+    changes: dict[str, Any] = {
+        "model": hf.model_config(directory),
+        "data.tokenizer": "bpe" if tiny else f"hf:{directory}",
+        **hf.seq2seq_settings(directory),
+    }
+    if tiny:
+        changes.update(
+            {
+                "task.target_len": 32,
+                "data": dataclasses.replace(
+                    cfg.data, batch_size=8, seq_len=seq_len, tokenizer_train_docs=2000
+                ),
+                "train": dataclasses.replace(
+                    cfg.train, steps=60, log_every=10, checkpoint_every=30, eval_every=0
+                ),
+                "optimizer.learning_rate": 1e-3,
+                "optimizer.warmup_steps": 10,
+                "generate.eval_examples": 16,
+            }
+        )
+    else:
+        # Lengths within the checkpoint's positions (generation also feeds the start token).
+        positions = changes["model"].max_len
+        target_len = min(cfg.task.target_len, positions - 1)
+        limit = changes.get("generate.max_new_tokens", target_len)
+        changes["task.target_len"] = target_len
+        changes["data.seq_len"] = min(cfg.data.seq_len, positions)
+        changes["generate.max_new_tokens"] = min(limit, target_len)
+    return override(cfg, changes)

@@ -17,9 +17,6 @@ beam-search summaries of the validation set after training.
 The data must be prepared once: lmflax data prepare cnn_dailymail
 """
 
-import dataclasses
-
-from lmflax import hf
 from lmflax.config import (
     Config,
     ConfigError,
@@ -28,9 +25,8 @@ from lmflax.config import (
     OptimizerConfig,
     TaskConfig,
     TrainConfig,
-    override,
 )
-from lmflax.configs.finetune import tiny_seq2seq_checkpoint
+from lmflax.configs.finetune import seq2seq_from_checkpoint, tiny_seq2seq_checkpoint
 from lmflax.hf import bart
 
 # facebook/bart-large's BartConfig (bart-base: 6 + 6 layers of width 768, 12 heads).
@@ -95,32 +91,4 @@ def get_config(arg: str | None = None) -> Config:
     directory = (
         tiny_seq2seq_checkpoint("bart", "BartForConditionalGeneration", TINY) if tiny else arg
     )
-    changes = {
-        "model": hf.model_config(directory),
-        "data.tokenizer": "bpe" if tiny else f"hf:{directory}",
-        **hf.seq2seq_settings(directory),
-    }
-    if tiny:
-        changes.update(
-            {
-                "task.target_len": 32,
-                "data": dataclasses.replace(
-                    cfg.data, batch_size=8, seq_len=96, tokenizer_train_docs=2000
-                ),
-                "train": dataclasses.replace(
-                    cfg.train, steps=60, log_every=10, checkpoint_every=30, eval_every=0
-                ),
-                "optimizer.learning_rate": 1e-3,
-                "optimizer.warmup_steps": 10,
-                "generate.eval_examples": 16,
-            }
-        )
-    else:
-        # Lengths within the checkpoint's positions (generation also feeds the start token).
-        positions = changes["model"].max_len
-        target_len = min(cfg.task.target_len, positions - 1)
-        limit = changes.get("generate.max_new_tokens", target_len)
-        changes["task.target_len"] = target_len
-        changes["data.seq_len"] = min(cfg.data.seq_len, positions)
-        changes["generate.max_new_tokens"] = min(limit, target_len)
-    return override(cfg, changes)
+    return seq2seq_from_checkpoint(cfg, directory, tiny=tiny, seq_len=96)
