@@ -3,7 +3,6 @@
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 
 from lmflax import hf
 from lmflax.config import override
+from lmflax.data.sources import build_once
 from lmflax.hf import bart
 from lmflax.models import GPT, PRESETS, EncoderDecoder
 
@@ -32,20 +32,20 @@ def tiny_llama_checkpoint() -> Path:
     """A random llama_tiny saved as a Hugging Face LlamaForCausalLM directory (seed 0)."""
     model = PRESETS["llama_tiny"]
     digest = hashlib.sha256(repr(model).encode()).hexdigest()[:12]  # a new preset, a new dir
-    path = Path(tempfile.gettempdir()) / f"lmflax-llama-tiny-{digest}"
-    if not (path / "model.safetensors").exists():
+
+    def write(tmp: Path) -> None:
         ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
         params = GPT(model).init(jax.random.key(0), ids, deterministic=True)["params"]
-        # Written aside, then renamed: concurrent runs never see half a directory.
-        part = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=path.parent))
-        hf.save_pretrained(model, params, part)
-        try:
-            os.rename(part, path)
-        except OSError:  # another process finished first: its directory is the same
-            for f in part.iterdir():
-                f.unlink()
-            part.rmdir()
-    return path
+        hf.save_pretrained(model, params, _fresh(tmp))
+
+    # Written aside under a lock, then renamed: concurrent runs never see half a directory.
+    return build_once(Path(tempfile.gettempdir()) / f"lmflax-llama-tiny-{digest}", write)
+
+
+def _fresh(tmp: Path) -> Path:
+    """`tmp` as an empty directory (a crashed build may have left one behind)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
 
 
 def tiny_seq2seq_checkpoint(name: str, arch: str, hf_config: dict[str, Any]) -> Path:
@@ -56,21 +56,16 @@ def tiny_seq2seq_checkpoint(name: str, arch: str, hf_config: dict[str, Any]) -> 
     kind = {"BartForConditionalGeneration": "bart", "MarianMTModel": "marian"}[arch]
     model = bart.to_config(bart.ARCHS[kind], hf_config, (), f"{name} (tiny)")
     digest = hashlib.sha256(repr((model, sorted(hf_config.items()))).encode()).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / f"lmflax-{name}-tiny-{digest}"
-    if (path / "model.safetensors").exists():
-        return path
-    ids = jnp.zeros((1, 8), jnp.int32)
-    params = EncoderDecoder(model).init(jax.random.key(0), ids, ids, deterministic=True)
-    # Written aside, then renamed: concurrent runs never see half a directory.
-    part = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=path.parent))
-    hf.save_pretrained(model, params["params"], part)
-    config = json.loads((part / "config.json").read_text())
-    (part / "config.json").write_text(json.dumps({**config, **hf_config}, indent=2) + "\n")
-    try:
-        os.rename(part, path)
-    except OSError:  # another process finished first: its directory is the same
-        shutil.rmtree(part)
-    return path
+
+    def write(tmp: Path) -> None:
+        ids = jnp.zeros((1, 8), jnp.int32)
+        params = EncoderDecoder(model).init(jax.random.key(0), ids, ids, deterministic=True)
+        hf.save_pretrained(model, params["params"], _fresh(tmp))
+        config = json.loads((tmp / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps({**config, **hf_config}, indent=2) + "\n")
+
+    # Written aside under a lock, then renamed: concurrent runs never see half a directory.
+    return build_once(Path(tempfile.gettempdir()) / f"lmflax-{name}-tiny-{digest}", write)
 
 
 def seq2seq_from_checkpoint(cfg: Any, directory: str | Path, *, tiny: bool, seq_len: int) -> Any:
