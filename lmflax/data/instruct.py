@@ -54,6 +54,12 @@ def _start_id(tokenizer: Tokenizer) -> int:
     return start
 
 
+def _head_ids(tokenizer: Tokenizer, head: str, template: str | None) -> list[int]:
+    # A template writes its own BOS (`{{ bos_token }}`); the plain format starts with one.
+    start = [] if template is not None else [_start_id(tokenizer)]
+    return start + tokenizer.encode(head)
+
+
 def prompt_ids(
     tokenizer: Tokenizer, prompt: str, template: str | None, system: str = ""
 ) -> list[int]:
@@ -61,8 +67,7 @@ def prompt_ids(
     head, _, _ = chat.prompt_and_completion(
         template, prompt, "", special_tokens=dict(tokenizer.special_tokens), system=system
     )
-    start = [] if template is not None else [_start_id(tokenizer)]
-    return start + tokenizer.encode(head)
+    return _head_ids(tokenizer, head, template)
 
 
 def encode_example(
@@ -77,7 +82,7 @@ def encode_example(
     head, completion, add_eos = chat.prompt_and_completion(
         template, prompt, response, special_tokens=dict(tokenizer.special_tokens), system=system
     )
-    p = ([] if template is not None else [_start_id(tokenizer)]) + tokenizer.encode(head)
+    p = _head_ids(tokenizer, head, template)
     c = tokenizer.encode(completion)
     if add_eos:
         if tokenizer.eos_id is None:
