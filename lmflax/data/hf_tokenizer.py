@@ -356,19 +356,8 @@ class HFTokenizer:
         the special tokens this directory names taking the place of the ones found by their
         usual spellings (Llama 3's eos is '<|end_of_text|>', not '</s>'), and its chat template."""
         found = Tokenizer.from_backend(tokenizers.Tokenizer.from_str(self.backend.to_str()))
-        named = {
-            field: self.token_id(key)
-            for field, key in (
-                ("eos_id", "eos_token"),
-                ("pad_id", "pad_token"),
-                ("bos_id", "bos_token"),
-                ("unk_id", "unk_token"),
-                ("cls_id", "cls_token"),
-                ("sep_id", "sep_token"),
-                ("mask_id", "mask_token"),
-            )
-            if self.token_id(key) is not None
-        }
+        ids = {field: self.token_id(f"{field[:-3]}_token") for field in _LMFLAX_IDS}
+        named = {field: i for field, i in ids.items() if i is not None}
         return dataclasses.replace(
             found,
             **named,
@@ -400,6 +389,9 @@ class HFTokenizer:
             json.dumps(self.special_tokens, indent=2) + "\n"
         )
 
+
+# The lmflax Tokenizer fields taken from the directory's special tokens ('eos_id' <- eos_token).
+_LMFLAX_IDS = ("eos_id", "pad_id", "bos_id", "unk_id", "cls_id", "sep_id", "mask_id")
 
 # Decoder-only model types whose tokenizers (like GPT-2's) have no token type ids.
 _DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2")
