@@ -460,7 +460,9 @@ def sample_loop(
 
     def body(carry: tuple) -> tuple:
         i, state, logits, out, done, seen = carry
-        history = jnp.concatenate([before, out], axis=1)
+        history = None  # the sequence so far: only the n-gram check reads it
+        if constraints.no_repeat_ngram_size:
+            history = jnp.concatenate([before, out], axis=1)
         logits = constrain_scores(
             logits, i, N, constraints, eos_id=eos_id, history=history, length=before.shape[1] + i
         )
@@ -695,7 +697,9 @@ def beam_search_loop(
     def body(carry: tuple) -> tuple:
         i, state, logits, alive_logp, alive_seq, fin_seq, fin_score, fin_flag, stopped = carry
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        history = jnp.concatenate([before, alive_seq.reshape(B * W, N)], axis=1)
+        history = None  # the sequence so far: only the n-gram check reads it
+        if constraints.no_repeat_ngram_size:
+            history = jnp.concatenate([before, alive_seq.reshape(B * W, N)], axis=1)
         logp = constrain_scores(
             logp, i, N, constraints, eos_id=eos_id, history=history, length=before.shape[1] + i
         ).reshape(B, W, V)
