@@ -8,6 +8,7 @@ pure train step directly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import signal
@@ -762,3 +763,46 @@ def test_the_loop_stays_one_step_ahead_of_the_device(data_dir, tmp_path, monkeyp
     )
     loop.run(cfg, tmp_path)
     assert len(depth) == 30 and max(depth) <= 2, depth
+
+
+def _unretrieved_gather_failure(filename: str) -> None:
+    """Leaves an asyncio gather future whose exception nobody retrieves, raised by code that
+    claims to live in `filename`, and collects it: asyncio then logs 'exception was never
+    retrieved' with that traceback (what orbax's write futures do after a failed save)."""
+    import asyncio
+    import gc
+
+    code = compile(
+        "async def write():\n    raise ValueError('No space left on device')\n", filename, "exec"
+    )
+    space: dict = {}
+    exec(code, space)
+    loop = asyncio.new_event_loop()
+    try:
+        future = loop.run_until_complete(_gather_unawaited(space["write"]))
+        loop.run_until_complete(asyncio.sleep(0))
+        del future
+        gc.collect()
+    finally:
+        loop.close()
+
+
+async def _gather_unawaited(write):
+    import asyncio
+
+    future = asyncio.gather(write())
+    await asyncio.sleep(0.01)  # it fails; nobody looks at it
+    return future
+
+
+def test_orbax_unretrieved_write_failures_stay_out_of_the_log(tmp_path, caplog):
+    """After a failed save, asyncio's 'exception was never retrieved' records for orbax's write
+    futures go to lmflax's DEBUG log, not the screen; the same record from other code still
+    shows."""
+    Checkpointer(tmp_path / "ckpt", keep=1)  # installs lmflax's quieting of orbax
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    _unretrieved_gather_failure(os.path.join(os.sep, "site", "orbax", "checkpoint", "write.py"))
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+    _unretrieved_gather_failure(os.path.join(os.sep, "site", "elsewhere", "write.py"))
+    shown = [r for r in caplog.records if r.name == "asyncio"]
+    assert shown and "never retrieved" in shown[0].getMessage()

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from typing import Any
 
 import grain
@@ -165,13 +166,25 @@ def verify_on_one_process(step_dir: str | os.PathLike) -> None:
         raise CheckpointIntegrityError(error)
 
 
+def _raised_in_orbax(exc_info: Any) -> bool:
+    """Whether the traceback of a log record's exception passes through orbax's code."""
+    if not exc_info or not isinstance(exc_info, tuple) or exc_info[2] is None:
+        return False
+    marker = f"{os.sep}orbax{os.sep}"
+    return any(marker in frame.filename for frame in traceback.extract_tb(exc_info[2]))
+
+
 class _QuietOrbaxFailures(logging.Filter):
     """A failed background save (a full disk) makes orbax log the same error with its traceback
-    from several threads, hundreds of lines in all; lmflax reports it once, with what is still
-    intact, when it surfaces (`check_errors`, `wait`). Those records go to lmflax's DEBUG log."""
+    from several threads, hundreds of lines in all, and asyncio then logs each of orbax's write
+    futures nobody awaited ("_GatheringFuture exception was never retrieved") with the same
+    traceback; lmflax reports the failure once, with what is still intact, when it surfaces
+    (`check_errors`, `wait`). Those records go to lmflax's DEBUG log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+        if record.levelno >= logging.ERROR and (
+            f"{os.sep}orbax{os.sep}" in record.pathname or _raised_in_orbax(record.exc_info)
+        ):
             log.debug("orbax: %s", record.getMessage(), exc_info=record.exc_info)
             return False
         return True
@@ -183,12 +196,13 @@ def _is_closed_loop(value: BaseException | None) -> bool:
 
 def _quiet_orbax_failures() -> None:
     """Keeps orbax's own reports of a failed background save out of the log: its ERROR records
-    (see `_QuietOrbaxFailures`) and the 'Event loop is closed' tracebacks that tensorstore's
+    and asyncio's about its unawaited write futures (see `_QuietOrbaxFailures`), and the 'Event loop is closed' tracebacks that tensorstore's
     threads print (through sys.excepthook or sys.unraisablehook) when a write completes after
     orbax has given up on the save."""
-    absl = logging.getLogger("absl")
-    if not any(isinstance(f, _QuietOrbaxFailures) for f in absl.filters):
-        absl.addFilter(_QuietOrbaxFailures())
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietOrbaxFailures) for f in logger.filters):
+            logger.addFilter(_QuietOrbaxFailures())
     if not getattr(sys.excepthook, "lmflax_quiet", False):
         previous_except = sys.excepthook
 
