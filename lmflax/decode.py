@@ -104,7 +104,11 @@ class Constraints(NamedTuple):
     an encoder-decoder's `min_length` counts its decoder start too, so it is min_length - 1).
     no_repeat_ngram_size n: no token that would repeat an n-gram already in the sequence (the
     prompt, or the decoder's start tokens, and what was generated; `no_repeat_ngram_size`).
-    None / () / 0 = off. Hashable, so it can be a static argument of a jitted function.
+    repetition_penalty p: the score of every token already in the sequence is divided by p when
+    positive and multiplied by p when negative (Keskar et al. 2019, transformers'
+    `repetition_penalty`; as there, a left-padded prompt's leading pads are not in the sequence,
+    while the n-gram check does see them). None / () / 0 / 1.0 = off. Hashable, so it can be a
+    static argument of a jitted function.
     """
 
     forced_bos_id: int | None = None
@@ -112,11 +116,18 @@ class Constraints(NamedTuple):
     banned_ids: tuple[int, ...] = ()
     min_new_tokens: int = 0
     no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether `constrain_scores` reads the sequence so far."""
+        return self.no_repeat_ngram_size > 0 or self.repetition_penalty != 1.0
 
     @property
     def active(self) -> bool:
         return (
-            self.forced_bos_id is not None
+            self.repetition_penalty != 1.0
+            or self.forced_bos_id is not None
             or self.forced_eos_id is not None
             or bool(self.banned_ids)
             or self.min_new_tokens > 0
@@ -152,6 +163,31 @@ def repeated_ngram_tokens(history: jax.Array, length: jax.Array | int, n: int, V
     return hits > 0
 
 
+def tokens_present(
+    history: jax.Array, length: jax.Array | int, V: int, start: jax.Array | int = 0
+) -> jax.Array:
+    """history [R, L] int32 (positions start..length-1 are the sequence so far; start an int or
+    [R], e.g. each row's count of leading pads) -> [R, V] bool: the tokens that occur there."""
+    rows, size = history.shape
+    position = jnp.arange(size)[None, :]
+    start = jnp.broadcast_to(jnp.asarray(start, jnp.int32).reshape(-1, 1), (rows, 1))
+    valid = ((position >= start) & (position < length)).astype(jnp.int32)
+    hits = (
+        jnp.zeros((rows, V), jnp.int32)
+        .at[jnp.arange(rows)[:, None], history]
+        .max(jnp.broadcast_to(valid, history.shape))
+    )
+    return hits > 0
+
+
+def leading_pads(mask: jax.Array | None, rows: int) -> jax.Array:
+    """mask [R, P] (nonzero = real token; None = all real) -> [R] int32: each row's count of
+    leading pads, as transformers counts them (the position of the first real token)."""
+    if mask is None or mask.shape[1] == 0:
+        return jnp.zeros((rows,), jnp.int32)
+    return jnp.argmax(mask != 0, axis=1).astype(jnp.int32)
+
+
 def constrain_scores(
     scores: jax.Array,
     step: jax.Array | int,
@@ -161,18 +197,32 @@ def constrain_scores(
     eos_id: int | None = None,
     history: jax.Array | None = None,
     length: jax.Array | int | None = None,
+    start: jax.Array | int = 0,
 ) -> jax.Array:
     """scores [B, V] (logits or log-probabilities) of new token `step` (0-based) -> float32
-    scores with banned tokens at -inf (and EOS before min_new_tokens, and tokens repeating an
-    n-gram of history [B, L] whose first `length` positions are the sequence so far), and at a
-    forced step every token but the forced one at -inf and the forced one at 0 (transformers'
-    processors do exactly this, to the log-probabilities in beam search and to the logits in
+    scores with the repetition penalty applied to the tokens of history [B, L] (whose first
+    `length` positions are the sequence so far; the penalty skips each row's first `start`, an
+    int or [B]: a left-padded prompt's pads), banned tokens at -inf (and EOS before
+    min_new_tokens, and tokens repeating an n-gram of the history), and at a forced step every
+    token but the forced one at -inf and the forced one at 0 (transformers' processors do
+    exactly this, in this order, to the log-probabilities in beam search and to the logits in
     greedy search and sampling)."""
     scores = scores.astype(jnp.float32)
     if not constraints.active:
         return scores
     V = scores.shape[-1]
     vocab = jnp.arange(V)
+    if constraints.needs_history and (history is None or length is None):
+        raise ValueError(
+            "no_repeat_ngram_size and repetition_penalty need the sequence so far (history, length)"
+        )
+    if constraints.repetition_penalty != 1.0:
+        penalty = constraints.repetition_penalty
+        if not penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {penalty}")
+        seen = tokens_present(history, length, V, start)
+        penalized = jnp.where(scores < 0, scores * penalty, scores / penalty)
+        scores = jnp.where(seen, penalized, scores)
     if constraints.banned_ids:
         banned = jnp.isin(vocab, jnp.asarray(constraints.banned_ids, jnp.int32))
         scores = jnp.where(banned, -jnp.inf, scores)
@@ -180,8 +230,6 @@ def constrain_scores(
         early = (vocab == eos_id) & (step < constraints.min_new_tokens)
         scores = jnp.where(early, -jnp.inf, scores)
     if constraints.no_repeat_ngram_size > 0:
-        if history is None or length is None:
-            raise ValueError("no_repeat_ngram_size needs the sequence so far (history, length)")
         repeats = repeated_ngram_tokens(history, length, constraints.no_repeat_ngram_size, V)
         scores = jnp.where(repeats, -jnp.inf, scores)
     for token, at in (
@@ -437,10 +485,12 @@ def sample_loop(
     return_logits: bool = False,
     constraints: Constraints = NO_CONSTRAINTS,
     prefix: jax.Array | None = None,
+    prefix_mask: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Draws max_new_tokens tokens per row -> [B, N] int32 (and with return_logits the float32
     logits [B, N, V] each token was drawn from; zeros after an early stop). prefix [B, P]: the
-    tokens before the new ones (the prompt), which no_repeat_ngram_size also looks at.
+    tokens before the new ones (the prompt), which no_repeat_ngram_size and repetition_penalty
+    also look at (prefix_mask [B, P]: its real tokens; the penalty skips leading pads).
 
     logits [B, V] predict the first token; step_fn(state, tokens [B]) -> (next logits, state).
     A row that emits eos_id is finished: the rest of it is pad_id, and the loop stops once every
@@ -457,15 +507,17 @@ def sample_loop(
         return (i < N) & ~jnp.all(done)
 
     before = jnp.zeros((B, 0), jnp.int32) if prefix is None else prefix.astype(jnp.int32)
+    pads = leading_pads(prefix_mask, B)
 
     def body(carry: tuple) -> tuple:
         i, state, logits, out, done, seen = carry
-        history = None  # the sequence so far: only the n-gram check reads it
-        if constraints.no_repeat_ngram_size:
+        history = None  # the sequence so far: only the n-gram check and the penalty read it
+        if constraints.needs_history:
             history = jnp.concatenate([before, out], axis=1)
         logits = constrain_scores(
-            logits, i, N, constraints, eos_id=eos_id, history=history, length=before.shape[1] + i
-        )
+            logits, i, N, constraints, eos_id=eos_id, history=history,
+            length=before.shape[1] + i, start=pads,
+        )  # fmt: skip
         token = sample_logits(
             logits, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k, top_p=top_p
         )
@@ -549,6 +601,7 @@ def generate(
         return_logits=return_logits,
         constraints=constraints,
         prefix=prompt,
+        prefix_mask=prompt_mask,
     )
     if return_logits:
         new, seen = new
@@ -621,9 +674,11 @@ def beam_search_loop(
     early_stopping: bool | str | None = None,
     constraints: Constraints = NO_CONSTRAINTS,
     prefix: jax.Array | None = None,
+    prefix_mask: jax.Array | None = None,
 ) -> BeamOutput:
     """Beam search over up to max_new_tokens tokens (prefix [B, P]: the tokens before them,
-    which no_repeat_ngram_size also looks at).
+    which no_repeat_ngram_size and repetition_penalty also look at; prefix_mask [B, P] its
+    real tokens, the penalty skipping leading pads).
 
     logits [B, V] predict the first token given `state` (batch B); step_fn(state, tokens [B·W])
     -> (logits [B·W, V], state) advances beams (the state is tiled to B·W rows here and its rows
@@ -680,10 +735,11 @@ def beam_search_loop(
         worst = jnp.min(jnp.where(fin_flag, fin_score, NEG_INF), axis=1)
         return jnp.all(fin_flag, axis=1) & (worst >= bound)
 
-    # The tokens before the new ones, per beam (no_repeat_ngram_size looks at them too).
+    # The tokens before the new ones, per beam (the n-gram check and the penalty read them too).
     before = jnp.zeros((B * W, 0), jnp.int32)
     if prefix is not None:
         before = jnp.repeat(prefix.astype(jnp.int32), W, axis=0)
+    pads = jnp.repeat(leading_pads(prefix_mask, B), W, axis=0)
 
     def cond(carry: tuple) -> jax.Array:
         i, _, _, alive_logp, _, _, fin_score, fin_flag, stopped = carry
@@ -697,12 +753,13 @@ def beam_search_loop(
     def body(carry: tuple) -> tuple:
         i, state, logits, alive_logp, alive_seq, fin_seq, fin_score, fin_flag, stopped = carry
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        history = None  # the sequence so far: only the n-gram check reads it
-        if constraints.no_repeat_ngram_size:
+        history = None  # the sequence so far: only the n-gram check and the penalty read it
+        if constraints.needs_history:
             history = jnp.concatenate([before, alive_seq.reshape(B * W, N)], axis=1)
         logp = constrain_scores(
-            logp, i, N, constraints, eos_id=eos_id, history=history, length=before.shape[1] + i
-        ).reshape(B, W, V)
+            logp, i, N, constraints, eos_id=eos_id, history=history,
+            length=before.shape[1] + i, start=pads,
+        ).reshape(B, W, V)  # fmt: skip
         candidates = (alive_logp[:, :, None] + logp).reshape(B, W * V)
         top_logp, top_index = jax.lax.top_k(candidates, 2 * W)  # [B, 2W]
         beam, token = top_index // V, (top_index % V).astype(jnp.int32)
@@ -819,6 +876,7 @@ def beam_search(
         early_stopping=early_stopping,
         constraints=constraints,
         prefix=prompt,
+        prefix_mask=prompt_mask,
     )
 
 
@@ -888,6 +946,7 @@ def constraints_of(settings: Any) -> Constraints:
         banned_ids=tuple(int(t) for t in getattr(settings, "banned_ids", ())),
         min_new_tokens=int(getattr(settings, "min_new_tokens", 0)),
         no_repeat_ngram_size=int(getattr(settings, "no_repeat_ngram_size", 0)),
+        repetition_penalty=float(getattr(settings, "repetition_penalty", 1.0)),
     )
 
 

@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -388,6 +389,53 @@ def test_beam_search_equals_transformers_generate(name, beams, alpha, early, tin
         pad_id=PAD,
     )
     np.testing.assert_array_equal(np.asarray(via_config), want)
+
+
+@pytest.mark.parametrize(("beams", "penalty"), [(1, 1.8), (3, 1.8), (1, 0.6)])
+def test_repetition_penalty_equals_transformers_generate(beams, penalty, tiny, torch):
+    """transformers' repetition_penalty (over the left-padded prompt's real tokens, its leading
+    pads skipped, and the new tokens) = Constraints(repetition_penalty=p), greedy and beam, a
+    penalty above 1 and one below; each changes what the random model says."""
+    path, ref = tiny["llama3"]
+    model, params = lmflax.from_pretrained(path)
+    eos = _eos_for(torch, ref)
+    beam = {"length_penalty": 1.0, "early_stopping": True} if beams > 1 else {}
+    plain = _hf_generate(torch, ref, eos_token_id=eos, num_beams=beams, **beam)
+    want = _hf_generate(
+        torch, ref, eos_token_id=eos, num_beams=beams, repetition_penalty=penalty, **beam
+    )
+    assert not np.array_equal(want, plain), "the penalty must change the output"
+    ids, mask = decode.left_pad(PROMPTS, PAD)
+    constraints = decode.Constraints(repetition_penalty=penalty)
+    common = dict(prompt_mask=mask, max_new_tokens=NEW, eos_id=eos, pad_id=PAD)
+    if beams > 1:
+        out = decode.beam_search(
+            model, params, ids, beam_size=beams, length_penalty=1.0, length_penalty_form="hf",
+            early_stopping=True, constraints=constraints, **common,
+        ).sequences[:, 0]  # fmt: skip
+    else:
+        out = decode.generate(
+            model, params, ids, rng=jax.random.key(0), temperature=0.0,
+            constraints=constraints, **common,
+        )[:, ids.shape[1] :]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out), want)
+
+
+def test_tokens_present_against_a_loop():
+    """tokens_present = the set of tokens among positions start..length-1 of each row, every
+    length, with a per-row start (leading_pads of a left-padding mask) and without."""
+    rng = np.random.default_rng(1)
+    hist = rng.integers(0, 6, size=(3, 7)).astype(np.int32)
+    mask = np.array([[1] * 7, [0, 0, 1, 1, 1, 1, 1], [0] * 5 + [1] * 2])
+    starts = np.asarray(decode.leading_pads(jnp.asarray(mask), 3))
+    np.testing.assert_array_equal(starts, [0, 2, 5])
+    for start in (np.zeros(3, np.int32), starts):
+        for length in range(hist.shape[1] + 1):
+            got = decode.tokens_present(jnp.asarray(hist), length, 6, jnp.asarray(start))
+            want = np.zeros((3, 6), bool)
+            for r in range(3):
+                want[r, hist[r, start[r] : length]] = True
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{start=} {length=}")
 
 
 # ---------------------------------------------------------------------------------------------
