@@ -359,7 +359,10 @@ def test_config_from_a_checkpoint_translates_as_transformers_generate(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "metrics"),
-    [("wmt16_ro_en_marian", ["bleu"]), ("cnn_dailymail_bart", ["rouge1", "rouge2", "rougeL"])],
+    [
+        ("wmt16_ro_en_marian", ["bleu"]),
+        ("cnn_dailymail_bart", ["rouge1", "rouge2", "rougeL", "rougeLsum"]),
+    ],
 )
 def test_tiny_config_trains_from_its_checkpoint_and_evaluates_by_generation(
     config, metrics, tmp_path, caplog
@@ -447,14 +450,21 @@ def test_token_ids_outside_the_vocabulary_are_config_errors():
 def test_min_length_and_no_repeat_ngram_settings_are_read(tmp_path):
     """bart-large-cnn's generation_config (min_length 56 counting the decoder start,
     no_repeat_ngram_size 3) becomes generate.min_new_tokens 55 and no_repeat_ngram_size 3;
-    min_new_tokens, when given, wins; what lmflax cannot apply is left out."""
+    min_new_tokens, when given, wins; repetition_penalty is read; what lmflax cannot apply
+    (encoder_repetition_penalty) is left out."""
     from lmflax.hf import seq2seq_settings
 
     (tmp_path / "config.json").write_text(json.dumps({"decoder_start_token_id": 2}))
-    gen = {"min_length": 56, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
+    gen = {
+        "min_length": 56,
+        "no_repeat_ngram_size": 3,
+        "repetition_penalty": 1.2,
+        "encoder_repetition_penalty": 1.1,
+    }
     (tmp_path / "generation_config.json").write_text(json.dumps(gen))
     got = seq2seq_settings(tmp_path)
     assert got["generate.min_new_tokens"] == 55 and got["generate.no_repeat_ngram_size"] == 3
-    assert not any("repetition" in k for k in got)
+    assert got["generate.repetition_penalty"] == 1.2
+    assert not any("encoder" in k for k in got)
     (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "min_new_tokens": 9}))
     assert seq2seq_settings(tmp_path)["generate.min_new_tokens"] == 9

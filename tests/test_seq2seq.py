@@ -171,11 +171,18 @@ def test_generation_metrics_by_hand():
     assert r["rouge1"] == pytest.approx(100 * 2 / 3)
     assert r["rouge2"] == pytest.approx(100 * 2 * 0.4 / 1.4)
     assert r["rougeL"] == pytest.approx(100 * 2 / 3)
+    # Lsum, sentences = lines. Reference "a b c" / "d e", prediction "a b" / "d x c": the
+    # reference's first sentence shares a b with one line and c with the other (union 3), its
+    # second d (1): 4 of 5 tokens each way, F 0.8. The whole texts' LCS is 3 (a b c): F 0.6.
+    r = rouge(["a b\nd x c"], ["a b c\nd e"])
+    assert r["rougeLsum"] == pytest.approx(100 * 0.8)
+    assert r["rougeL"] == pytest.approx(100 * 0.6)
     assert set(generation_metrics(("bleu", "rouge"), ["x"], ["x"])) == {
         "bleu",
         "rouge1",
         "rouge2",
         "rougeL",
+        "rougeLsum",
     }
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         bleu(["a", "b"], ["a"])
@@ -301,7 +308,10 @@ def mock_tfds():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config,metrics,beams",
-    [("wmt14_de_en", ["bleu"], 2), ("cnn_dailymail", ["rouge1", "rouge2", "rougeL"], 1)],
+    [
+        ("wmt14_de_en", ["bleu"], 2),
+        ("cnn_dailymail", ["rouge1", "rouge2", "rougeL", "rougeLsum"], 1),
+    ],
 )
 def test_config_runs_end_to_end_on_mock_data(
     config, metrics, beams, mock_tfds, tmp_path, capsys, monkeypatch

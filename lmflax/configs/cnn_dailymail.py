@@ -1,6 +1,6 @@
 """Abstractive summarization of CNN/DailyMail news articles into their highlights with a
 T5-small-style encoder-decoder (relative position bias, pre-norm RMSNorm): 512 article tokens
-in, at most 128 summary tokens out, ROUGE-1/2/L of beam-search summaries after training.
+in, at most 128 summary tokens out, ROUGE-1/2/L/Lsum of beam-search summaries after training.
 
 The data must be prepared once: lmflax data prepare cnn_dailymail
 `:tiny` is the same recipe at laptop size (t5_tiny, shorter texts, a few hundred steps).

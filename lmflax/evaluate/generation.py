@@ -1,9 +1,13 @@
-"""Metrics of generated text against references: BLEU (sacrebleu) and ROUGE-1/2/L (rouge-score).
+"""Metrics of generated text against references: BLEU (sacrebleu) and ROUGE-1/2/L/Lsum
+(rouge-score).
 
 Both score detokenized text, the way results are published: BLEU with sacrebleu's standard 13a
 tokenization on the raw strings (no tokenized or lower-cased shortcuts), ROUGE as the mean
-F-measure over examples with Porter stemming (Lin 2004; the CNN/DailyMail convention). Scores
-are percentages (0-100).
+F-measure over examples with Porter stemming (Lin 2004; the CNN/DailyMail convention). ROUGE-L
+is the longest common subsequence of the whole texts, ROUGE-Lsum the summary-level one over
+their sentences, which are the texts' lines (as rouge-score and Hugging Face's `evaluate`
+take them: CNN/DailyMail's highlights are one sentence per line). Scores are percentages
+(0-100).
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F-measures (0-100) over the examples."""
+    """Mean ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F-measures (0-100) over the examples
+    (Lsum: sentences are lines)."""
     from rouge_score import rouge_scorer  # deferred: pulls in nltk, only summaries need it
 
     _check(predictions, references)
-    names = ("rouge1", "rouge2", "rougeL")
+    names = ("rouge1", "rouge2", "rougeL", "rougeLsum")
     scorer = rouge_scorer.RougeScorer(list(names), use_stemmer=True)
     totals = dict.fromkeys(names, 0.0)
     for pred, ref in zip(predictions, references, strict=True):
@@ -48,7 +53,8 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 def generation_metrics(
     names: Sequence[str], predictions: Sequence[str], references: Sequence[str]
 ) -> dict[str, float]:
-    """The named metrics ('bleu', 'rouge') as one flat dict: bleu, rouge1, rouge2, rougeL."""
+    """The named metrics ('bleu', 'rouge') as one flat dict: bleu, rouge1, rouge2, rougeL,
+    rougeLsum."""
     out: dict[str, float] = {}
     for name in names:
         if name == "bleu":

@@ -1,5 +1,5 @@
 """Abstractive summarization of CNN/DailyMail articles into their highlights (TFDS
-cnn_dailymail) fine-tuning a pretrained BartForConditionalGeneration, scored by ROUGE-1/2/L of
+cnn_dailymail) fine-tuning a pretrained BartForConditionalGeneration, scored by ROUGE-1/2/L/Lsum of
 beam-search summaries of the validation set after training.
 
   --config=finetune/cnn_dailymail_bart:DIR   DIR a BART directory or hub id, e.g.
