@@ -38,13 +38,31 @@ class Writer(Protocol):
     def close(self) -> None: ...
 
 
+def _import_summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported only when TensorBoard is on. tensorboardX's writer
+    module imports torch whenever it is installed (only so that it can accept torch tensors,
+    which lmflax never passes): that costs seconds per run, so unless torch is already loaded,
+    the import is made to find no torch."""
+    import sys
+
+    if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardWriter:
     """Scalars and texts as TensorBoard event files under `<workdir>/tensorboard`. tensorboardX
     writes gs:// itself (through google-cloud-storage, uploading the event file on each flush)."""
 
     def __init__(self, logdir: epath.Path):
-        from tensorboardX import SummaryWriter  # deferred: only when TensorBoard is on
-
+        SummaryWriter = _import_summary_writer()
         self._tb = SummaryWriter(os.fspath(logdir))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
