@@ -43,15 +43,13 @@ def _import_summary_writer() -> type:
     module imports torch whenever it is installed (only so that it can accept torch tensors,
     which lmflax never passes): that costs seconds per run, so unless torch is already loaded,
     the import is made to find no torch."""
-    import sys
-
     if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # deferred: only when TensorBoard is on
 
         return SummaryWriter
     sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # deferred: only when TensorBoard is on
     finally:
         del sys.modules["torch"]
     return SummaryWriter
