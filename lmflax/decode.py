@@ -107,7 +107,10 @@ class Constraints(NamedTuple):
     repetition_penalty p: the score of every token already in the sequence is divided by p when
     positive and multiplied by p when negative (Keskar et al. 2019, transformers'
     `repetition_penalty`; as there, a left-padded prompt's leading pads are not in the sequence,
-    while the n-gram check does see them). None / () / 0 / 1.0 = off. Hashable, so it can be a
+    while the n-gram check does see them). encoder_repetition_penalty p: the reverse for the
+    tokens of the source (an encoder-decoder's encoder inputs, a decoder's prompt, pads
+    included, as transformers' `encoder_repetition_penalty`): positive scores times p, negative
+    ones divided by p, so p > 1 favours copying from the source. None / () / 0 / 1.0 = off. Hashable, so it can be a
     static argument of a jitted function.
     """
 
@@ -117,6 +120,7 @@ class Constraints(NamedTuple):
     min_new_tokens: int = 0
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    encoder_repetition_penalty: float = 1.0
 
     @property
     def needs_history(self) -> bool:
@@ -127,6 +131,7 @@ class Constraints(NamedTuple):
     def active(self) -> bool:
         return (
             self.repetition_penalty != 1.0
+            or self.encoder_repetition_penalty != 1.0
             or self.forced_bos_id is not None
             or self.forced_eos_id is not None
             or bool(self.banned_ids)
@@ -198,11 +203,13 @@ def constrain_scores(
     history: jax.Array | None = None,
     length: jax.Array | int | None = None,
     start: jax.Array | int = 0,
+    source: jax.Array | None = None,
 ) -> jax.Array:
     """scores [B, V] (logits or log-probabilities) of new token `step` (0-based) -> float32
     scores with the repetition penalty applied to the tokens of history [B, L] (whose first
     `length` positions are the sequence so far; the penalty skips each row's first `start`, an
-    int or [B]: a left-padded prompt's pads), banned tokens at -inf (and EOS before
+    int or [B]: a left-padded prompt's pads) and the encoder repetition penalty to the tokens of
+    source [B, S] (applied first, as transformers orders its processors), banned tokens at -inf (and EOS before
     min_new_tokens, and tokens repeating an n-gram of the history), and at a forced step every
     token but the forced one at -inf and the forced one at 0 (transformers' processors do
     exactly this, in this order, to the log-probabilities in beam search and to the logits in
@@ -216,6 +223,15 @@ def constrain_scores(
         raise ValueError(
             "no_repeat_ngram_size and repetition_penalty need the sequence so far (history, length)"
         )
+    if constraints.encoder_repetition_penalty != 1.0:
+        penalty = constraints.encoder_repetition_penalty
+        if not penalty > 0:
+            raise ValueError(f"encoder_repetition_penalty must be > 0 (1.0 = off), got {penalty}")
+        if source is None:
+            raise ValueError("encoder_repetition_penalty needs the source tokens (source)")
+        in_source = tokens_present(source, source.shape[1], V)
+        rewarded = jnp.where(scores < 0, scores / penalty, scores * penalty)
+        scores = jnp.where(in_source, rewarded, scores)
     if constraints.repetition_penalty != 1.0:
         penalty = constraints.repetition_penalty
         if not penalty > 0:
@@ -486,11 +502,13 @@ def sample_loop(
     constraints: Constraints = NO_CONSTRAINTS,
     prefix: jax.Array | None = None,
     prefix_mask: jax.Array | None = None,
+    source: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Draws max_new_tokens tokens per row -> [B, N] int32 (and with return_logits the float32
     logits [B, N, V] each token was drawn from; zeros after an early stop). prefix [B, P]: the
     tokens before the new ones (the prompt), which no_repeat_ngram_size and repetition_penalty
-    also look at (prefix_mask [B, P]: its real tokens; the penalty skips leading pads).
+    also look at (prefix_mask [B, P]: its real tokens; the penalty skips leading pads); source
+    [B, S]: the tokens encoder_repetition_penalty rewards.
 
     logits [B, V] predict the first token; step_fn(state, tokens [B]) -> (next logits, state).
     A row that emits eos_id is finished: the rest of it is pad_id, and the loop stops once every
@@ -516,7 +534,7 @@ def sample_loop(
             history = jnp.concatenate([before, out], axis=1)
         logits = constrain_scores(
             logits, i, N, constraints, eos_id=eos_id, history=history,
-            length=before.shape[1] + i, start=pads,
+            length=before.shape[1] + i, start=pads, source=source,
         )  # fmt: skip
         token = sample_logits(
             logits, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k, top_p=top_p
@@ -602,6 +620,7 @@ def generate(
         constraints=constraints,
         prefix=prompt,
         prefix_mask=prompt_mask,
+        source=prompt if encoder_inputs is None else encoder_inputs,
     )
     if return_logits:
         new, seen = new
@@ -675,10 +694,12 @@ def beam_search_loop(
     constraints: Constraints = NO_CONSTRAINTS,
     prefix: jax.Array | None = None,
     prefix_mask: jax.Array | None = None,
+    source: jax.Array | None = None,
 ) -> BeamOutput:
     """Beam search over up to max_new_tokens tokens (prefix [B, P]: the tokens before them,
     which no_repeat_ngram_size and repetition_penalty also look at; prefix_mask [B, P] its
-    real tokens, the penalty skipping leading pads).
+    real tokens, the penalty skipping leading pads; source [B, S] the tokens
+    encoder_repetition_penalty rewards).
 
     logits [B, V] predict the first token given `state` (batch B); step_fn(state, tokens [B·W])
     -> (logits [B·W, V], state) advances beams (the state is tiled to B·W rows here and its rows
@@ -740,6 +761,8 @@ def beam_search_loop(
     if prefix is not None:
         before = jnp.repeat(prefix.astype(jnp.int32), W, axis=0)
     pads = jnp.repeat(leading_pads(prefix_mask, B), W, axis=0)
+    if source is not None:
+        source = jnp.repeat(source.astype(jnp.int32), W, axis=0)
 
     def cond(carry: tuple) -> jax.Array:
         i, _, _, alive_logp, _, _, fin_score, fin_flag, stopped = carry
@@ -758,7 +781,7 @@ def beam_search_loop(
             history = jnp.concatenate([before, alive_seq.reshape(B * W, N)], axis=1)
         logp = constrain_scores(
             logp, i, N, constraints, eos_id=eos_id, history=history,
-            length=before.shape[1] + i, start=pads,
+            length=before.shape[1] + i, start=pads, source=source,
         ).reshape(B, W, V)  # fmt: skip
         candidates = (alive_logp[:, :, None] + logp).reshape(B, W * V)
         top_logp, top_index = jax.lax.top_k(candidates, 2 * W)  # [B, 2W]
@@ -877,6 +900,7 @@ def beam_search(
         constraints=constraints,
         prefix=prompt,
         prefix_mask=prompt_mask,
+        source=prompt if encoder_inputs is None else encoder_inputs,
     )
 
 
@@ -947,6 +971,7 @@ def constraints_of(settings: Any) -> Constraints:
         min_new_tokens=int(getattr(settings, "min_new_tokens", 0)),
         no_repeat_ngram_size=int(getattr(settings, "no_repeat_ngram_size", 0)),
         repetition_penalty=float(getattr(settings, "repetition_penalty", 1.0)),
+        encoder_repetition_penalty=float(getattr(settings, "encoder_repetition_penalty", 1.0)),
     )
 
 

@@ -450,8 +450,8 @@ def test_token_ids_outside_the_vocabulary_are_config_errors():
 def test_min_length_and_no_repeat_ngram_settings_are_read(tmp_path):
     """bart-large-cnn's generation_config (min_length 56 counting the decoder start,
     no_repeat_ngram_size 3) becomes generate.min_new_tokens 55 and no_repeat_ngram_size 3;
-    min_new_tokens, when given, wins; repetition_penalty is read; what lmflax cannot apply
-    (encoder_repetition_penalty) is left out."""
+    min_new_tokens, when given, wins; repetition_penalty and encoder_repetition_penalty are
+    read; what lmflax cannot apply (encoder_no_repeat_ngram_size) is left out."""
     from lmflax.hf import seq2seq_settings
 
     (tmp_path / "config.json").write_text(json.dumps({"decoder_start_token_id": 2}))
@@ -460,11 +460,13 @@ def test_min_length_and_no_repeat_ngram_settings_are_read(tmp_path):
         "no_repeat_ngram_size": 3,
         "repetition_penalty": 1.2,
         "encoder_repetition_penalty": 1.1,
+        "encoder_no_repeat_ngram_size": 2,
     }
     (tmp_path / "generation_config.json").write_text(json.dumps(gen))
     got = seq2seq_settings(tmp_path)
     assert got["generate.min_new_tokens"] == 55 and got["generate.no_repeat_ngram_size"] == 3
     assert got["generate.repetition_penalty"] == 1.2
-    assert not any("encoder" in k for k in got)
+    assert got["generate.encoder_repetition_penalty"] == 1.1
+    assert not any("no_repeat_ngram" in k and "encoder" in k for k in got)
     (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "min_new_tokens": 9}))
     assert seq2seq_settings(tmp_path)["generate.min_new_tokens"] == 9

@@ -447,6 +447,11 @@ def test_ordinary_numbers_still_parse():
         ({"task.num_labels": 0}, r"task\.num_labels must be > 0"),
         ({"data.tokenizer_train_docs": -1}, r"data\.tokenizer_train_docs must be >= 0"),
         ({"data.text_key": ""}, r"data\.text_key must not be empty"),
+        ({"generate.repetition_penalty": 0.0}, r"generate\.repetition_penalty must be > 0"),
+        (
+            {"generate.encoder_repetition_penalty": -1.0},
+            r"generate\.encoder_repetition_penalty must be > 0 \(1\.0 = off\), got -1\.0",
+        ),
     ],
 )
 def test_impossible_values_are_refused_at_validation(updates, expected):

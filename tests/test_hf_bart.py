@@ -322,20 +322,30 @@ def test_min_length_and_no_repeat_ngram_equal_transformers_generate(name, beams,
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize(("name", "beams"), [("bart", 1), ("marian", 3)])
-def test_repetition_penalty_equals_transformers_generate(name, beams, tiny, torch):
-    """transformers' repetition_penalty on an encoder-decoder (over the decoder start and the
-    new tokens) = Constraints(repetition_penalty=p), greedy and beam."""
+@pytest.mark.parametrize(
+    ("name", "beams", "kind", "penalty"),
+    [
+        ("bart", 1, "repetition_penalty", 2.0),
+        ("marian", 3, "repetition_penalty", 2.0),
+        ("bart", 1, "encoder_repetition_penalty", 3.0),
+        ("marian", 3, "encoder_repetition_penalty", 3.0),
+        ("bart", 3, "encoder_repetition_penalty", 0.5),
+    ],
+)
+def test_repetition_penalties_equal_transformers_generate(name, beams, kind, penalty, tiny, torch):
+    """transformers' repetition_penalty (over the decoder start and the new tokens) and
+    encoder_repetition_penalty (over the right-padded source, pads included) on an
+    encoder-decoder = Constraints(...=p), greedy and beam; each changes what the model says."""
     path, ref = tiny[name]
     model, params = lmflax.from_pretrained(path)
     beam = {"length_penalty": 1.0, "early_stopping": True} if beams > 1 else {}
-    penalized = dict(num_beams=beams, repetition_penalty=2.0, **beam)
+    penalized = dict(num_beams=beams, **{kind: penalty}, **beam)
     free = _hf_generate(torch, ref, name, eos_token_id=None, **penalized)
     eos = int(free[0, 3])  # said a few steps in under the penalty, so stopping is exercised
     plain = _hf_generate(torch, ref, name, eos_token_id=eos, num_beams=beams, **beam)
     want = _hf_generate(torch, ref, name, eos_token_id=eos, **penalized)
     assert not np.array_equal(want, plain), "the penalty must change the output"
-    constraints = decode.Constraints(repetition_penalty=2.0)
+    constraints = decode.Constraints(**{kind: penalty})
     got = _lmflax_tokens(model, params, name, beams, eos, constraints, length_penalty=1.0)
     np.testing.assert_array_equal(got, want)
 

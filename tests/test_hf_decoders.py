@@ -391,22 +391,30 @@ def test_beam_search_equals_transformers_generate(name, beams, alpha, early, tin
     np.testing.assert_array_equal(np.asarray(via_config), want)
 
 
-@pytest.mark.parametrize(("beams", "penalty"), [(1, 1.8), (3, 1.8), (1, 0.6)])
-def test_repetition_penalty_equals_transformers_generate(beams, penalty, tiny, torch):
+@pytest.mark.parametrize(
+    ("kind", "beams", "penalty"),
+    [
+        ("repetition_penalty", 1, 1.8),
+        ("repetition_penalty", 3, 1.8),
+        ("repetition_penalty", 1, 0.6),
+        ("encoder_repetition_penalty", 1, 1.8),
+        ("encoder_repetition_penalty", 3, 0.6),
+    ],
+)
+def test_repetition_penalties_equal_transformers_generate(kind, beams, penalty, tiny, torch):
     """transformers' repetition_penalty (over the left-padded prompt's real tokens, its leading
-    pads skipped, and the new tokens) = Constraints(repetition_penalty=p), greedy and beam, a
-    penalty above 1 and one below; each changes what the random model says."""
+    pads skipped, and the new tokens) and encoder_repetition_penalty (over the prompt as given,
+    pads included) = Constraints(...=p), greedy and beam, a penalty above 1 and one below; each
+    changes what the random model says."""
     path, ref = tiny["llama3"]
     model, params = lmflax.from_pretrained(path)
     eos = _eos_for(torch, ref)
     beam = {"length_penalty": 1.0, "early_stopping": True} if beams > 1 else {}
     plain = _hf_generate(torch, ref, eos_token_id=eos, num_beams=beams, **beam)
-    want = _hf_generate(
-        torch, ref, eos_token_id=eos, num_beams=beams, repetition_penalty=penalty, **beam
-    )
+    want = _hf_generate(torch, ref, eos_token_id=eos, num_beams=beams, **{kind: penalty}, **beam)
     assert not np.array_equal(want, plain), "the penalty must change the output"
     ids, mask = decode.left_pad(PROMPTS, PAD)
-    constraints = decode.Constraints(repetition_penalty=penalty)
+    constraints = decode.Constraints(**{kind: penalty})
     common = dict(prompt_mask=mask, max_new_tokens=NEW, eos_id=eos, pad_id=PAD)
     if beams > 1:
         out = decode.beam_search(

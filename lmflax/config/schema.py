@@ -156,7 +156,9 @@ class GenerateConfig:
     no_repeat_ngram_size: bart-large-cnn sets min_length 56 and no_repeat_ngram_size 3).
     repetition_penalty p > 0: tokens already in the sequence (prompt included, its left pads
     not) have positive scores divided by p and negative ones multiplied by p, 1.0 = off
-    (transformers' repetition_penalty).
+    (transformers' repetition_penalty). encoder_repetition_penalty p > 0: the tokens of the
+    source (encoder inputs, or a decoder's prompt) have positive scores multiplied by p and
+    negative ones divided by p, 1.0 = off (transformers' encoder_repetition_penalty).
     """
 
     beam_size: int = 1
@@ -175,6 +177,7 @@ class GenerateConfig:
     min_new_tokens: int = 0
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    encoder_repetition_penalty: float = 1.0
 
     def validate(self) -> list[str]:
         """The problems of this section as messages (empty = valid)."""
@@ -193,11 +196,9 @@ class GenerateConfig:
         for name in ("max_new_tokens", "eval_examples", "min_new_tokens", "no_repeat_ngram_size"):
             if getattr(self, name) < 0:
                 errs.append(f"generate.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.repetition_penalty > 0:
-            errs.append(
-                f"generate.repetition_penalty must be > 0 (1.0 = off), got "
-                f"{self.repetition_penalty}"
-            )
+        for name in ("repetition_penalty", "encoder_repetition_penalty"):
+            if not getattr(self, name) > 0:
+                errs.append(f"generate.{name} must be > 0 (1.0 = off), got {getattr(self, name)}")
         for name in ("forced_bos_id", "forced_eos_id"):
             if getattr(self, name) < -1:
                 errs.append(

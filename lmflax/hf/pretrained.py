@@ -277,7 +277,7 @@ def model_config(path: str | Path, **overrides: Any) -> ModelConfig:
 
 
 # transformers' generation settings that lmflax's decoding does not have; reported, not applied.
-_UNSUPPORTED_GENERATION = ("encoder_repetition_penalty", "encoder_no_repeat_ngram_size")
+_UNSUPPORTED_GENERATION = ("encoder_no_repeat_ngram_size",)
 
 
 def seq2seq_settings(path: str | Path) -> dict[str, Any]:
@@ -288,10 +288,10 @@ def seq2seq_settings(path: str | Path) -> dict[str, Any]:
     (single-token bad_words_ids), generate.beam_size / length_penalty (+ length_penalty_form
     'hf') / early_stopping (num_beams, length_penalty, early_stopping) and
     generate.max_new_tokens (max_length - 1: transformers counts the decoder start),
-    generate.min_new_tokens (min_new_tokens, or min_length - 1), no_repeat_ngram_size and
-    repetition_penalty. Settings lmflax cannot apply (encoder_repetition_penalty,
-    encoder_no_repeat_ngram_size) are logged. CheckpointError when the directory names no decoder_start_token_id or bans token
-    sequences."""
+    generate.min_new_tokens (min_new_tokens, or min_length - 1), no_repeat_ngram_size,
+    repetition_penalty and encoder_repetition_penalty. A setting lmflax cannot apply
+    (encoder_no_repeat_ngram_size) is logged. CheckpointError when the directory names no
+    decoder_start_token_id or bans token sequences."""
     directory = model_dir(path)
     hf = dict(read_config(directory))
     gen_path = directory / "generation_config.json"
@@ -341,9 +341,10 @@ def seq2seq_settings(path: str | Path) -> dict[str, Any]:
     ngram = hf.get("no_repeat_ngram_size")
     if isinstance(ngram, int) and ngram > 0:
         out["generate.no_repeat_ngram_size"] = ngram
-    penalty = hf.get("repetition_penalty")
-    if isinstance(penalty, int | float) and not isinstance(penalty, bool) and penalty != 1.0:
-        out["generate.repetition_penalty"] = float(penalty)
+    for name in ("repetition_penalty", "encoder_repetition_penalty"):
+        penalty = hf.get(name)
+        if isinstance(penalty, int | float) and not isinstance(penalty, bool) and penalty != 1.0:
+            out[f"generate.{name}"] = float(penalty)
     ignored = [f"{k}={hf[k]}" for k in _UNSUPPORTED_GENERATION if hf.get(k) not in (None, 0, 1.0)]
     if ignored:
         log.info("%s: generation settings lmflax does not apply: %s", directory, ", ".join(ignored))
