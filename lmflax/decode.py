@@ -110,8 +110,8 @@ class Constraints(NamedTuple):
     while the n-gram check does see them). encoder_repetition_penalty p: the reverse for the
     tokens of the source (an encoder-decoder's encoder inputs, a decoder's prompt, pads
     included, as transformers' `encoder_repetition_penalty`): positive scores times p, negative
-    ones divided by p, so p > 1 favours copying from the source. None / () / 0 / 1.0 = off. Hashable, so it can be a
-    static argument of a jitted function.
+    ones divided by p, so p > 1 favours copying from the source. None / () / 0 / 1.0 = off.
+    Hashable, so it can be a static argument of a jitted function.
     """
 
     forced_bos_id: int | None = None
@@ -160,10 +160,17 @@ def repeated_ngram_tokens(history: jax.Array, length: jax.Array | int, n: int, V
         windows = jnp.stack([history[:, k : size - n + 1 + k] for k in range(n - 1)], axis=-1)
         match = match & jnp.all(windows == tail[:, None, :], axis=-1)
     follow = history[:, n - 1 :]  # the token that completed each earlier n-gram
+    return _token_set(follow, match, V)
+
+
+def _token_set(tokens: jax.Array, where: jax.Array, V: int) -> jax.Array:
+    """tokens [R, K] int32, where [R, K] or [K] bool -> [R, V] bool: per row, the tokens at the
+    positions `where` marks."""
+    rows = tokens.shape[0]
     hits = (
         jnp.zeros((rows, V), jnp.int32)
-        .at[jnp.arange(rows)[:, None], follow]
-        .max(jnp.broadcast_to(match, follow.shape).astype(jnp.int32))
+        .at[jnp.arange(rows)[:, None], tokens]
+        .max(jnp.broadcast_to(where, tokens.shape).astype(jnp.int32))
     )
     return hits > 0
 
@@ -176,13 +183,13 @@ def tokens_present(
     rows, size = history.shape
     position = jnp.arange(size)[None, :]
     start = jnp.broadcast_to(jnp.asarray(start, jnp.int32).reshape(-1, 1), (rows, 1))
-    valid = ((position >= start) & (position < length)).astype(jnp.int32)
-    hits = (
-        jnp.zeros((rows, V), jnp.int32)
-        .at[jnp.arange(rows)[:, None], history]
-        .max(jnp.broadcast_to(valid, history.shape))
-    )
-    return hits > 0
+    return _token_set(history, (position >= start) & (position < length), V)
+
+
+def _penalize(scores: jax.Array, marked: jax.Array, penalty: float) -> jax.Array:
+    """scores [B, V] with the marked [B, V] ones moved toward less likely by `penalty` > 0:
+    divided by it when positive, multiplied when negative (a penalty below 1 favours them)."""
+    return jnp.where(marked, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
 def leading_pads(mask: jax.Array | None, rows: int) -> jax.Array:
@@ -191,6 +198,14 @@ def leading_pads(mask: jax.Array | None, rows: int) -> jax.Array:
     if mask is None or mask.shape[1] == 0:
         return jnp.zeros((rows,), jnp.int32)
     return jnp.argmax(mask != 0, axis=1).astype(jnp.int32)
+
+
+def _source_tokens(source: jax.Array | None, constraints: Constraints, V: int) -> jax.Array | None:
+    """source [B, S] -> [B, V] bool, the tokens encoder_repetition_penalty rewards (None when
+    it is off or there is no source): once per decoding, not at every step."""
+    if source is None or constraints.encoder_repetition_penalty == 1.0:
+        return None
+    return tokens_present(source.astype(jnp.int32), source.shape[1], V)
 
 
 def constrain_scores(
@@ -203,17 +218,17 @@ def constrain_scores(
     history: jax.Array | None = None,
     length: jax.Array | int | None = None,
     start: jax.Array | int = 0,
-    source: jax.Array | None = None,
+    in_source: jax.Array | None = None,
 ) -> jax.Array:
     """scores [B, V] (logits or log-probabilities) of new token `step` (0-based) -> float32
-    scores with the repetition penalty applied to the tokens of history [B, L] (whose first
-    `length` positions are the sequence so far; the penalty skips each row's first `start`, an
-    int or [B]: a left-padded prompt's pads) and the encoder repetition penalty to the tokens of
-    source [B, S] (applied first, as transformers orders its processors), banned tokens at -inf (and EOS before
-    min_new_tokens, and tokens repeating an n-gram of the history), and at a forced step every
-    token but the forced one at -inf and the forced one at 0 (transformers' processors do
-    exactly this, in this order, to the log-probabilities in beam search and to the logits in
-    greedy search and sampling)."""
+    scores with the encoder repetition penalty applied to the tokens in_source [B, V] marks
+    (`tokens_present` of the source, computed once per decoding), the repetition penalty to
+    the tokens of history [B, L] (whose first `length` positions are the sequence so far; the
+    penalty skips each row's first `start`, an int or [B]: a left-padded prompt's pads),
+    banned tokens at -inf (and EOS before min_new_tokens, and tokens repeating an n-gram of the
+    history), and at a forced step every token but the forced one at -inf and the forced one at
+    0 (transformers' processors do exactly this, in this order, to the log-probabilities in
+    beam search and to the logits in greedy search and sampling)."""
     scores = scores.astype(jnp.float32)
     if not constraints.active:
         return scores
@@ -223,22 +238,17 @@ def constrain_scores(
         raise ValueError(
             "no_repeat_ngram_size and repetition_penalty need the sequence so far (history, length)"
         )
+    for name in ("encoder_repetition_penalty", "repetition_penalty"):
+        if not getattr(constraints, name) > 0:
+            raise ValueError(f"{name} must be > 0 (1.0 = off), got {getattr(constraints, name)}")
     if constraints.encoder_repetition_penalty != 1.0:
-        penalty = constraints.encoder_repetition_penalty
-        if not penalty > 0:
-            raise ValueError(f"encoder_repetition_penalty must be > 0 (1.0 = off), got {penalty}")
-        if source is None:
-            raise ValueError("encoder_repetition_penalty needs the source tokens (source)")
-        in_source = tokens_present(source, source.shape[1], V)
-        rewarded = jnp.where(scores < 0, scores / penalty, scores * penalty)
-        scores = jnp.where(in_source, rewarded, scores)
+        if in_source is None:
+            raise ValueError("encoder_repetition_penalty needs the source's tokens (in_source)")
+        # transformers applies the reciprocal as a repetition penalty: the same arithmetic.
+        scores = _penalize(scores, in_source, 1 / constraints.encoder_repetition_penalty)
     if constraints.repetition_penalty != 1.0:
-        penalty = constraints.repetition_penalty
-        if not penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {penalty}")
         seen = tokens_present(history, length, V, start)
-        penalized = jnp.where(scores < 0, scores * penalty, scores / penalty)
-        scores = jnp.where(seen, penalized, scores)
+        scores = _penalize(scores, seen, constraints.repetition_penalty)
     if constraints.banned_ids:
         banned = jnp.isin(vocab, jnp.asarray(constraints.banned_ids, jnp.int32))
         scores = jnp.where(banned, -jnp.inf, scores)
@@ -526,6 +536,7 @@ def sample_loop(
 
     before = jnp.zeros((B, 0), jnp.int32) if prefix is None else prefix.astype(jnp.int32)
     pads = leading_pads(prefix_mask, B)
+    in_source = _source_tokens(source, constraints, V)
 
     def body(carry: tuple) -> tuple:
         i, state, logits, out, done, seen = carry
@@ -534,7 +545,7 @@ def sample_loop(
             history = jnp.concatenate([before, out], axis=1)
         logits = constrain_scores(
             logits, i, N, constraints, eos_id=eos_id, history=history,
-            length=before.shape[1] + i, start=pads, source=source,
+            length=before.shape[1] + i, start=pads, in_source=in_source,
         )  # fmt: skip
         token = sample_logits(
             logits, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k, top_p=top_p
@@ -761,8 +772,9 @@ def beam_search_loop(
     if prefix is not None:
         before = jnp.repeat(prefix.astype(jnp.int32), W, axis=0)
     pads = jnp.repeat(leading_pads(prefix_mask, B), W, axis=0)
-    if source is not None:
-        source = jnp.repeat(source.astype(jnp.int32), W, axis=0)
+    in_source = _source_tokens(source, constraints, V)
+    if in_source is not None:
+        in_source = jnp.repeat(in_source, W, axis=0)
 
     def cond(carry: tuple) -> jax.Array:
         i, _, _, alive_logp, _, _, fin_score, fin_flag, stopped = carry
@@ -781,7 +793,7 @@ def beam_search_loop(
             history = jnp.concatenate([before, alive_seq.reshape(B * W, N)], axis=1)
         logp = constrain_scores(
             logp, i, N, constraints, eos_id=eos_id, history=history,
-            length=before.shape[1] + i, start=pads, source=source,
+            length=before.shape[1] + i, start=pads, in_source=in_source,
         ).reshape(B, W, V)  # fmt: skip
         candidates = (alive_logp[:, :, None] + logp).reshape(B, W * V)
         top_logp, top_index = jax.lax.top_k(candidates, 2 * W)  # [B, 2W]
